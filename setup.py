@@ -1,0 +1,83 @@
+"""Build driver: CMake (CMakeLists.txt) is the one build definition; this file only decides whether to run it.
+
+The CUDA extension `mixtral_ext/_C*.so` is built when a CUDA toolkit is found and the installed torch is a
+CUDA build, unless MIXTRAL_EXT_CUDA=0. Whether a GPU is present is never consulted. Knobs:
+  MIXTRAL_EXT_CUDA=0|1     0: pure-Python install; 1: the build is required (fail instead of skipping)
+  MIXTRAL_EXT_ARCH="80;90a" CUDA architectures (sm_80 and sm_90a by default)
+  MAX_JOBS=N               parallel compile jobs (default: all cores)
+  CUDA_HOME                toolkit root (default: /usr/local/cuda, else nvcc on PATH)
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates += ["/usr/local/cuda/bin/nvcc", shutil.which("nvcc") or ""]
+    found = next((c for c in candidates if c and os.path.exists(c)), None)
+    return os.path.realpath(found) if found else None
+
+
+def _cuda_build_wanted():
+    """(build?, reason) from the env var, the toolkit and torch's build, never from a GPU."""
+    flag = os.environ.get("MIXTRAL_EXT_CUDA", "auto").strip().lower()
+    if flag in ("0", "off", "false", "no"):
+        return False, "MIXTRAL_EXT_CUDA=0"
+    required = flag in ("1", "on", "true", "yes")
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not importable at build time (install torch first, build with --no-build-isolation)"
+        if required:
+            raise RuntimeError(reason)
+        return False, reason
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU-only build"
+    elif _find_nvcc() is None:
+        reason = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        return True, ""
+    if required:
+        raise RuntimeError(f"MIXTRAL_EXT_CUDA=1 but {reason}")
+    return False, reason
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch
+
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        build_dir = os.path.abspath(os.environ.get("MIXTRAL_EXT_BUILD_DIR", "build"))
+        os.makedirs(build_dir, exist_ok=True)
+        nvcc = _find_nvcc()
+        cfg = [
+            "cmake", "-S", os.path.dirname(os.path.abspath(__file__)), "-B", build_dir, "-G", "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            # torch's CMake config locates cudart and the headers through FindCUDA's root, not the compiler.
+            f"-DCUDA_TOOLKIT_ROOT_DIR={os.path.dirname(os.path.dirname(nvcc))}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DMIXTRAL_EXT_ARCH={os.environ.get('MIXTRAL_EXT_ARCH', '80;90a')}",
+            f"-DMIXTRAL_EXT_OUTPUT={out}",
+        ]
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(cfg)
+        subprocess.check_call(["cmake", "--build", build_dir, "-j", jobs])
+        if not os.path.exists(out):
+            raise RuntimeError(f"CMake finished but {out} was not produced")
+
+
+want, why = _cuda_build_wanted()
+if not want:
+    print(f"mixtral_ext: building without the CUDA extension ({why}); every op runs through the PyTorch reference")
+setup(
+    ext_modules=[Extension("mixtral_ext._C", sources=[])] if want else [],
+    cmdclass={"build_ext": CMakeBuild} if want else {},
+)
