@@ -1,0 +1,29 @@
+// Grouped (permuted) expert GEMMs for the prefill regime of moe_experts. See moe_gemm.cu.
+#pragma once
+#include "common.h"
+
+namespace mixtral {
+
+// Rows are the T*k (token, slot) pairs in expert-sorted order (moe_route's sorted_tokens / expert_offsets).
+struct MoeGroupedGemmParams {
+  const void* x;               // [T, H] bf16, token order
+  const int* sorted_tokens;    // [R = T*k] token of each expert-sorted row
+  const int* expert_offsets;   // [E + 1] rows of expert e are expert_offsets[e] .. expert_offsets[e+1]-1
+  const void* w13;             // [E, 2I, H] bf16, w1/w3 interleaved by row (2i: gate, 2i+1: up)
+  const void* w2;              // [E, H, I] bf16
+  void* inter;                 // [R, I] bf16 workspace: silu(gate) * up
+  float* out_rows;             // [R, H] fp32: w2[e] @ inter[r], not yet weighted (the combine does that)
+  int64_t tokens;              // T
+  int top_k;                   // k
+  int experts;                 // E
+  int64_t hidden;              // H
+  int64_t inter_size;          // I
+  int sm_count;                // from the device, for the persistent tile scheduler
+  int max_smem_per_block;      // opt-in shared memory limit of the device (bytes)
+  int sm_major;                // compute capability: 9 selects the Hopper path when built for sm_90a
+};
+
+// Both GEMMs (two launches). Returns cudaErrorNotSupported for shapes it cannot handle.
+cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t stream);
+
+}  // namespace mixtral
