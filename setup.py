@@ -68,6 +68,8 @@ class CMakeBuild(build_ext):
             f"-DMIXTRAL_EXT_OUTPUT={out}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        # Prefer the cmake/ninja installed next to this interpreter (a venv) over the system ones.
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         subprocess.check_call(cfg)
         subprocess.check_call(["cmake", "--build", build_dir, "-j", jobs])
         if not os.path.exists(out):

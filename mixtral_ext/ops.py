@@ -114,29 +114,48 @@ class Route(NamedTuple):
     token_rows: torch.Tensor  # [T, k] int32
 
 
+# The dtypes each CUDA kernel implements; other dtypes on a CUDA tensor (e.g. a float32 model on the GPU) run the
+# reference instead, so every op works for every dtype on every device.
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+KERNEL_DTYPES = {
+    "rms_norm": (_F32, _BF16, _F16),
+    "rope_kv_append": (_F32, _BF16, _F16),
+    "attention_prefill": (_BF16, _F16),
+    "attention_decode": (_BF16, _F16),
+    "moe_route": (_F32, _BF16, _F16),
+    "moe_experts": (_BF16, _F16),
+}
+
+
+def _dispatch(name, key, *args):
+    if key.is_cuda and key.dtype not in KERNEL_DTYPES[name]:
+        return getattr(reference, name)(*args)
+    return getattr(torch.ops.mixtral_ext, name)(*args)
+
+
 def rms_norm(x, weight, eps, residual=None):
     """Returns (normed, new_residual). With residual given, it is updated in place to residual + x."""
-    out = torch.ops.mixtral_ext.rms_norm(x, weight, eps, residual)
+    out = _dispatch("rms_norm", x, x, weight, float(eps), residual)
     return out, (x if residual is None else residual)
 
 
 def rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache):
-    return torch.ops.mixtral_ext.rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache)
+    return _dispatch("rope_kv_append", qkv, qkv, positions, seq_ids, cos_sin, k_cache, v_cache)
 
 
 def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_q, scale, window=0):
-    return torch.ops.mixtral_ext.attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k,
-                                                   int(max_seqlen_q), float(scale), int(window or 0))
+    return _dispatch("attention_prefill", q, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, int(max_seqlen_q),
+                     float(scale), int(window or 0))
 
 
 def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
-    return torch.ops.mixtral_ext.attention_decode(q, k_cache, v_cache, seq_lens, float(scale), int(window or 0))
+    return _dispatch("attention_decode", q, q, k_cache, v_cache, seq_lens, float(scale), int(window or 0))
 
 
 def moe_route(router_logits, top_k=2):
-    return Route(*torch.ops.mixtral_ext.moe_route(router_logits, top_k))
+    return Route(*_dispatch("moe_route", router_logits, router_logits, int(top_k)))
 
 
 def moe_experts(x, route, w13, w2):
-    return torch.ops.mixtral_ext.moe_experts(x, route.topk_weights, route.topk_ids, route.expert_offsets,
-                                             route.sorted_tokens, route.token_rows, w13, w2)
+    return _dispatch("moe_experts", x, x, route.topk_weights, route.topk_ids, route.expert_offsets,
+                     route.sorted_tokens, route.token_rows, w13, w2)
