@@ -1,8 +1,68 @@
-// Placeholder until the grouped GEMM lands: reports "not supported" so moe_experts uses its decode kernels.
+// Grouped (permuted) expert GEMMs for the prefill regime of moe_experts: validation and the choice of code path.
+//
+// Algorithm (both paths): rows are the R = T*k (token, slot) pairs in expert-sorted order; expert e owns rows
+// expert_offsets[e] .. expert_offsets[e+1]-1 (device-only: tiles are enumerated on the device, no host sync).
+//   GEMM1: inter[r, i] = bf16( silu(x[tok(r)] . w13[e, 2i]) * (x[tok(r)] . w13[e, 2i+1]) ), tok = sorted_tokens,
+//          N = 2I columns of w13's interleaved gate/up rows, K = H; the silu*mul is done in the epilogue.
+//   GEMM2: out_rows[r, h] = fp32( inter[r] . w2[e, h] ), N = H, K = I.
+// One launch per GEMM covers all experts (persistent grid, tile scheduler in moe_gemm_common.cuh).
+//   sm80 path (moe_gemm_sm80.cu): mma.sync + ldmatrix + cp.async multistage; A rows gathered by cp.async.
+//   sm90 path (moe_gemm_sm90.cu): wgmma + TMA + mbarrier ring + warp specialisation; one extra launch first
+//     gathers x into expert order inside out_rows (TMA cannot gather rows), which GEMM2 then overwrites.
+// Path choice: MIXTRAL_EXT_MOE_PATH = auto (default: sm90 on a compute-capability-9 device whose loaded image has
+// the sm_90a kernel, else sm80), sm80 (force the mma.sync path, e.g. to compare both on Hopper), sm90 (force the
+// Hopper path; cudaErrorNotSupported where it cannot run). Read at every call (a getenv, negligible next to the
+// GEMMs), so a test can switch paths within one process.
+// Limits (else cudaErrorNotSupported, before anything is launched): bf16; H and I multiples of 8; 1 <= E <= 256;
+// R, E*2I and E*H below 2^31; all pointers 16-byte aligned; compute capability >= 8.0.
+// Numerics: fp32 accumulation; inter rounded to bf16 (as the eager bf16 composite would); out_rows fp32.
+#include <cstdlib>
+#include <cstring>
+
 #include "moe_gemm.h"
+#include "moe_gemm_common.cuh"
 
 namespace mixtral {
 
-cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams&, cudaStream_t) { return cudaErrorNotSupported; }
+namespace {
+
+enum class Path { kAuto, kSm80, kSm90 };
+
+Path requested_path() {
+  const char* v = std::getenv("MIXTRAL_EXT_MOE_PATH");
+  if (v == nullptr) return Path::kAuto;
+  if (std::strcmp(v, "sm80") == 0) return Path::kSm80;
+  if (std::strcmp(v, "sm90") == 0) return Path::kSm90;
+  return Path::kAuto;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+  if (p.dtype != DType::kBFloat16) return cudaErrorNotSupported;
+  if (p.tokens <= 0) return cudaSuccess;
+  constexpr int64_t kIntMax = 0x7fffffff;
+  const int64_t R = p.tokens * p.top_k;
+  if (p.top_k < 1 || p.experts < 1 || p.experts > moe_gemm::kMaxExperts) return cudaErrorNotSupported;
+  if (p.hidden <= 0 || p.inter_size <= 0 || p.hidden % 8 != 0 || p.inter_size % 8 != 0) return cudaErrorNotSupported;
+  if (R >= kIntMax || p.experts * 2 * p.inter_size >= kIntMax || p.experts * p.hidden >= kIntMax)
+    return cudaErrorNotSupported;
+  if (!aligned16(p.x) || !aligned16(p.w13) || !aligned16(p.w2) || !aligned16(p.inter) || !aligned16(p.out_rows))
+    return cudaErrorNotSupported;
+  if (p.sm_major < 8 || p.sm_count < 1) return cudaErrorNotSupported;
+
+  const Path path = requested_path();
+  if (path != Path::kSm80 && p.sm_major == 9 && moe_gemm::sm90_available()) {
+    const cudaError_t err = moe_gemm::sm90_run(p, stream);
+    // NotSupported comes back only before any launch (no tensor-map encoder, too little shared memory).
+    if (err != cudaErrorNotSupported || path == Path::kSm90) return err;
+  } else if (path == Path::kSm90) {
+    return cudaErrorNotSupported;
+  }
+  if (!moe_gemm::sm80_available()) return cudaErrorNotSupported;
+  return moe_gemm::sm80_run(p, stream);
+}
 
 }  // namespace mixtral

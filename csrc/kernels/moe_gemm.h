@@ -21,9 +21,12 @@ struct MoeGroupedGemmParams {
   int sm_count;                // from the device, for the persistent tile scheduler
   int max_smem_per_block;      // opt-in shared memory limit of the device (bytes)
   int sm_major;                // compute capability: 9 selects the Hopper path when built for sm_90a
+  DType dtype = DType::kBFloat16;  // of x, w13, w2, inter: only bf16 is implemented (others: cudaErrorNotSupported)
 };
 
-// Both GEMMs (two launches). Returns cudaErrorNotSupported for shapes it cannot handle.
+// Both GEMMs (two launches; three on the Hopper path, which first gathers x into expert order, see moe_gemm.cu).
+// Returns cudaErrorNotSupported for shapes/dtypes/devices it cannot handle (the caller then uses another path).
+// MIXTRAL_EXT_MOE_PATH=sm80|sm90|auto (read on every call; default auto) forces one code path for tests.
 cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t stream);
 
 }  // namespace mixtral

@@ -1,0 +1,344 @@
+// moe_experts, decode regime: two grouped GEMVs and the combine (three launches per MoE layer).
+//
+// Rows: the R = T*k (token, slot) pairs in expert-sorted order; expert e owns rows offsets[e] .. offsets[e+1]-1.
+// GEMV1: inter[r, i] = round(silu(w1[e,i] . x[tok(r)]) * (w3[e,i] . x[tok(r)])), w13 rows interleaved (2i gate,
+//        2i+1 up) so the warp that reads rows 2i, 2i+1 has both dot products and applies the activation in fp32.
+// GEMV2: out_rows[r, h] = w2[e,h] . inter[r] in fp32 (unweighted; rows of an expert are computed together).
+// Combine: y[t] = round(sum_s topk_weights[t,s] * out_rows[token_rows[t,s]]), slots summed in order, no atomics.
+//
+// What matters at decode sizes is reading each ACTIVE expert's weights exactly once at full bandwidth. Which
+// experts are active is known only on the device, so the grid is (N-tiles, active slot a < min(E, R)): a block
+// finds the a-th nonempty expert from expert_offsets (a ballot over the E counts) and exits if there are fewer; the
+// host never synchronises. Block: 8 warps; a warp owns 4 consecutive weight rows (two gate/up units in GEMV1) and
+// k_split warps split the K dimension of the same rows (chosen on the host from K so that the grid has many blocks
+// per expert: the long K of GEMV2 is split 4 ways for Mixtral). Lanes stride over K in 16-byte vectors (8 elements),
+// weights loaded with ld.global.nc.L1::no_allocate (streamed once: keep L1 for the activations), several vectors
+// per thread in flight (UNR x rows), fp32 FMA. All rows (tokens) of the expert in the current chunk are computed
+// from the same weight registers; the activation vectors come through L1 (__ldg), they are shared by every warp.
+// A chunk holds up to RMAX rows; RMAX is chosen on the host from T (an expert has at most T rows) and the block
+// dispatches on the actual count (1, 2, 4, 8 or 16 accumulator columns, compile-time), so T = 1 never pays for
+// unused rows. Experts with more rows than RMAX loop over chunks, re-streaming their weights: correct for any T,
+// but the large-T path belongs to the tensor-core grouped GEMM. Reduction: butterfly shuffles inside the warp,
+// then the k_split partials summed in warp order through shared memory (fixed order: deterministic bits).
+// Limits: H and I multiples of 8, 16-byte aligned tensors, E <= 64. bf16 and fp16 (fp32 accumulation throughout).
+#include "device.cuh"
+#include "moe_decode.h"
+
+namespace mixtral {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 4;  // weight rows per warp: even, so GEMV1's gate/up pairs never straddle warps
+constexpr int kVec = 8;          // elements per 16-byte vector
+constexpr int kMaxChunkRows = 16;
+constexpr int kCombineThreads = 256;
+static_assert(kRowsPerWarp % 2 == 0, "gate/up pairs must stay within a warp");
+
+enum class Epilogue { kSiluMul, kStoreF32 };
+
+struct GemvProblem {
+  const void* w;               // [E, N, K]
+  const void* a;               // activations [*, K]: x (gathered through `gather`) or inter (row r)
+  const int* gather;           // sorted_tokens (GEMV1) or nullptr (GEMV2: row r reads a[r])
+  const int* expert_offsets;   // [E + 1]
+  void* out;                   // GEMV1: inter [R, N/2] activation dtype; GEMV2: out_rows [R, N] fp32
+  int64_t n;                   // output rows of the weight matrix (2I or H), a multiple of kRowsPerWarp
+  int64_t k;                   // reduction length (H or I), a multiple of kVec
+  int experts;
+  int k_split;                 // warps sharing one row group along K: 1, 2, 4 or 8
+};
+
+// Streamed weight load: read-only for the kernel, not kept in L1, with a 256-byte L2 prefetch hint. volatile so
+// the compiler issues every load where it is written (all UNR x RW of an iteration up front) instead of sinking
+// them into the tail-guarded compute below, which would leave one vector per row in flight.
+__device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+template <typename T> __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]);
+template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& v, float (&f)[8]) {
+  // bf16 -> fp32 is exact: the 16 bits become the high half of the float.
+  const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+template <> __device__ __forceinline__ void unpack8<__half>(const uint4& v, float (&f)[8]) {
+  const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &u[i], sizeof(h));
+    const float2 g = __half22float2(h);
+    f[2 * i] = g.x;
+    f[2 * i + 1] = g.y;
+  }
+}
+
+// The slot-th nonempty expert (ascending expert index) and its row range; false when fewer are nonempty. Every
+// warp computes it for itself (same answer), so no barrier is needed before a block-uniform early exit.
+__device__ __forceinline__ bool find_active_expert(const int* offsets, int E, int slot, int& e, int& begin,
+                                                   int& end) {
+  const int lane = threadIdx.x & 31;
+  // Lane l holds the row ranges of experts l and l + 32 (one round trip to memory, no dependent second load).
+  const int lo0 = lane < E ? __ldg(offsets + lane) : 0, hi0 = lane < E ? __ldg(offsets + lane + 1) : 0;
+  const int lo1 = lane + 32 < E ? __ldg(offsets + lane + 32) : 0;
+  const int hi1 = lane + 32 < E ? __ldg(offsets + lane + 33) : 0;
+  unsigned long long m = __ballot_sync(0xffffffffu, hi0 > lo0) |
+                         (static_cast<unsigned long long>(__ballot_sync(0xffffffffu, hi1 > lo1)) << 32);
+  for (int i = 0; i < slot && m != 0ull; ++i) m &= m - 1ull;  // drop the lowest set bit `slot` times
+  if (m == 0ull) return false;  // warp-uniform (m is the same in every lane)
+  e = __ffsll(static_cast<long long>(m)) - 1;
+  const bool high = e >= 32;
+  begin = __shfl_sync(0xffffffffu, high ? lo1 : lo0, e & 31);
+  end = __shfl_sync(0xffffffffu, high ? hi1 : hi0, e & 31);
+  return true;
+}
+
+// One chunk of ROWS activation rows (nr <= ROWS of them real; the rest duplicate the last and are not stored)
+// against this warp's kRowsPerWarp weight rows starting at n0, in sub-passes of RW rows so that the RW x ROWS
+// accumulators fit in registers. Every thread of the block calls this (barriers inside).
+template <typename T, Epilogue EPI, int ROWS>
+__device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __restrict__ w, int64_t n0,
+                                           bool store, int cs, int nr, float (*s_part)[32]) {
+  // Register budget (<= 128 for two blocks per SM): RW x ROWS accumulators, UNR x RW weight vectors in flight,
+  // ROWS activation pointers. Few rows (the decode case): 4 rows x 4 vectors in flight; more rows: fewer.
+  constexpr int RW = ROWS <= 4 ? 4 : 2;       // weight rows per sub-pass
+  constexpr int UNR = ROWS <= 2 ? 4 : (ROWS <= 8 ? 2 : 1);  // vectors per weight row in flight per thread
+  static_assert(kRowsPerWarp % RW == 0 && RW % 2 == 0 && RW * ROWS <= 32, "sub-pass shape");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ks = p.k_split;
+  const int wk = warp % ks;
+  const int64_t nvec = p.k / kVec;
+  const int64_t step = 32 * static_cast<int64_t>(ks);
+
+  // Activation rows as 32-bit vector offsets from one base (half the registers of pointers; the launcher checks
+  // that every offset fits).
+  const uint4* abase = static_cast<const uint4*>(p.a);
+  unsigned aoff[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int rr = cs + (r < nr ? r : nr - 1);
+    const unsigned src = p.gather ? static_cast<unsigned>(__ldg(p.gather + rr)) : static_cast<unsigned>(rr);
+    aoff[r] = src * static_cast<unsigned>(nvec);
+  }
+
+#pragma unroll 1
+  for (int sp = 0; sp < kRowsPerWarp; sp += RW) {
+    float acc[RW][ROWS];
+#pragma unroll
+    for (int i = 0; i < RW; ++i)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) acc[i][r] = 0.f;
+
+    // No branch in the body: ptxas sinks loads into guarded blocks, which would leave one vector per row in
+    // flight. Past the end of K a lane reloads its last valid vector and zeroes the weights, so the extra products
+    // add exact zeros (for finite activations; non-finite ones make the true sum non-finite anyway).
+#pragma unroll 1
+    for (int64_t c0 = wk * 32 + lane; c0 < nvec; c0 += step * UNR) {
+      uint4 wv[UNR][RW];
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const bool in = c0 + u * step < nvec;
+        const int64_t c = in ? c0 + u * step : nvec - 1;
+#pragma unroll
+        for (int i = 0; i < RW; ++i) {
+          wv[u][i] = ld_stream(w + (sp + i) * nvec + c);
+          if (!in) wv[u][i] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int64_t c = c0 + u * step < nvec ? c0 + u * step : nvec - 1;
+        float wf[RW][8];
+#pragma unroll
+        for (int i = 0; i < RW; ++i) unpack8<T>(wv[u][i], wf[i]);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          float af[8];
+          unpack8<T>(__ldg(abase + aoff[r] + static_cast<unsigned>(c)), af);
+#pragma unroll
+          for (int i = 0; i < RW; ++i)
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[i][r] = fmaf(wf[i][q], af[q], acc[i][r]);
+        }
+      }
+    }
+
+    // Warp totals; lane i * ROWS + r publishes acc[i][r] for the cross-warp (K-split) sum.
+    float mine = 0.f;
+#pragma unroll
+    for (int i = 0; i < RW; ++i)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const float v = warp_sum(acc[i][r]);
+        if (lane == i * ROWS + r) mine = v;
+      }
+    if (lane < RW * ROWS) s_part[warp][lane] = mine;
+    __syncthreads();
+    if (wk == 0 && store) {
+      // The K-split partners of this warp are warps warp .. warp + ks - 1, summed in that order.
+      if constexpr (EPI == Epilogue::kStoreF32) {
+        if (lane < RW * ROWS) {
+          const int i = lane / ROWS, r = lane % ROWS;
+          float v = 0.f;
+          for (int kk = 0; kk < ks; ++kk) v += s_part[warp + kk][lane];
+          if (r < nr) static_cast<float*>(p.out)[static_cast<int64_t>(cs + r) * p.n + n0 + sp + i] = v;
+        }
+      } else {
+        if (lane < (RW / 2) * ROWS) {
+          const int u = lane / ROWS, r = lane % ROWS;
+          float g = 0.f, up = 0.f;
+          for (int kk = 0; kk < ks; ++kk) {
+            g += s_part[warp + kk][(2 * u) * ROWS + r];
+            up += s_part[warp + kk][(2 * u + 1) * ROWS + r];
+          }
+          // silu(g) = g * sigmoid(g); for g -> -inf, __expf(-g) -> inf and the quotient -> -0, never NaN.
+          const float act = g / (1.f + __expf(-g)) * up;
+          const int64_t units = p.n / 2;
+          if (r < nr)
+            static_cast<T*>(p.out)[static_cast<int64_t>(cs + r) * units + (n0 + sp) / 2 + u] = from_float<T>(act);
+        }
+      }
+    }
+    __syncthreads();  // s_part is rewritten by the next sub-pass / chunk
+  }
+}
+
+// Two blocks (16 warps) per SM keep enough weight loads in flight; the 16-row variant (T > 8 only) needs more than
+// 128 registers and settles for one block per SM rather than spilling.
+template <typename T, Epilogue EPI, int RMAX>
+__global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(GemvProblem p) {
+  __shared__ float s_part[kWarps][32];
+  int e, r_begin, r_end;
+  if (!find_active_expert(p.expert_offsets, p.experts, blockIdx.y, e, r_begin, r_end)) return;
+  const int warp = threadIdx.x >> 5;
+  const int ks = p.k_split;
+  const int64_t rows_per_block = static_cast<int64_t>(kWarps / ks) * kRowsPerWarp;
+  int64_t n0 = blockIdx.x * rows_per_block + (warp / ks) * kRowsPerWarp;
+  const bool store = n0 < p.n;
+  // A warp past the last row group redoes the last one (a valid address) without storing, so that every warp of
+  // the block reaches the same barriers.
+  if (!store) n0 = p.n - kRowsPerWarp;
+  const uint4* w = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + (static_cast<int64_t>(e) * p.n + n0) *
+                                                                                 p.k);
+  for (int cs = r_begin; cs < r_end; cs += RMAX) {
+    const int nr = r_end - cs < RMAX ? r_end - cs : RMAX;
+    // Compile-time accumulator widths: the smallest that holds nr (block-uniform branch).
+    if (nr == 1) {
+      gemv_chunk<T, EPI, 1>(p, w, n0, store, cs, nr, s_part);
+    } else if (RMAX == 2 || (RMAX > 2 && nr <= 2)) {
+      if constexpr (RMAX >= 2) gemv_chunk<T, EPI, 2>(p, w, n0, store, cs, nr, s_part);
+    } else if (RMAX == 4 || (RMAX > 4 && nr <= 4)) {
+      if constexpr (RMAX >= 4) gemv_chunk<T, EPI, 4>(p, w, n0, store, cs, nr, s_part);
+    } else if (RMAX == 8 || (RMAX > 8 && nr <= 8)) {
+      if constexpr (RMAX >= 8) gemv_chunk<T, EPI, 8>(p, w, n0, store, cs, nr, s_part);
+    } else {
+      if constexpr (RMAX >= 16) gemv_chunk<T, EPI, 16>(p, w, n0, store, cs, nr, s_part);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(MoeCombineParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t h = (static_cast<int64_t>(blockIdx.y) * kCombineThreads + threadIdx.x) * kVec;
+  if (h >= p.hidden) return;
+  float acc[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
+  for (int s = 0; s < p.top_k; ++s) {  // slot order: the fixed summation order of the contract
+    const int row = __ldg(p.token_rows + t * p.top_k + s);
+    const float wt = __ldg(p.topk_weights + t * p.top_k + s);
+    const float4* src = reinterpret_cast<const float4*>(p.out_rows + static_cast<int64_t>(row) * p.hidden + h);
+    const float4 a = __ldg(src), b = __ldg(src + 1);
+    acc[0] += wt * a.x; acc[1] += wt * a.y; acc[2] += wt * a.z; acc[3] += wt * a.w;
+    acc[4] += wt * b.x; acc[5] += wt * b.y; acc[6] += wt * b.z; acc[7] += wt * b.w;
+  }
+  T o[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) o[j] = from_float<T>(acc[j]);
+  uint4 packed;
+  memcpy(&packed, o, sizeof(packed));
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + t * p.hidden + h) = packed;
+}
+
+// Warps splitting K: enough that a long K (I = 14336 in GEMV2) still yields many blocks per active expert, never
+// so many that a warp's slice gets shorter than 2048 elements (8 vectors per lane).
+int choose_k_split(int64_t k) {
+  int ks = 1;
+  while (ks < kWarps && k / (2 * ks) >= 2048) ks *= 2;
+  return ks;
+}
+
+template <typename T, Epilogue EPI, int RMAX>
+cudaError_t launch_gemv(const GemvProblem& g, int slots, cudaStream_t stream) {
+  const int64_t rows_per_block = static_cast<int64_t>(kWarps / g.k_split) * kRowsPerWarp;
+  const dim3 grid(static_cast<unsigned>((g.n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(slots));
+  moe_gemv_kernel<T, EPI, RMAX><<<grid, kThreads, 0, stream>>>(g);
+  return cudaGetLastError();
+}
+
+template <typename T, Epilogue EPI>
+cudaError_t launch_gemv_rows(const GemvProblem& g, int64_t tokens, int slots, cudaStream_t stream) {
+  // An expert holds at most T rows (a token picks an expert at most once): size the accumulators from T.
+  if (tokens <= 1) return launch_gemv<T, EPI, 1>(g, slots, stream);
+  if (tokens <= 2) return launch_gemv<T, EPI, 2>(g, slots, stream);
+  if (tokens <= 4) return launch_gemv<T, EPI, 4>(g, slots, stream);
+  if (tokens <= 8) return launch_gemv<T, EPI, 8>(g, slots, stream);
+  return launch_gemv<T, EPI, kMaxChunkRows>(g, slots, stream);
+}
+
+template <typename T>
+cudaError_t launch_experts_typed(const MoeDecodeParams& p, cudaStream_t stream) {
+  const int64_t rows = p.tokens * p.top_k;
+  const int slots = static_cast<int>(rows < p.experts ? rows : p.experts);
+  GemvProblem g1{p.w13, p.x, p.sorted_tokens, p.expert_offsets, p.inter, 2 * p.inter_size, p.hidden, p.experts,
+                 choose_k_split(p.hidden)};
+  cudaError_t err = launch_gemv_rows<T, Epilogue::kSiluMul>(g1, p.tokens, slots, stream);
+  if (err != cudaSuccess) return err;
+  GemvProblem g2{p.w2, p.inter, nullptr, p.expert_offsets, p.out_rows, p.hidden, p.inter_size, p.experts,
+                 choose_k_split(p.inter_size)};
+  return launch_gemv_rows<T, Epilogue::kStoreF32>(g2, p.tokens, slots, stream);
+}
+
+template <typename T>
+cudaError_t launch_combine_typed(const MoeCombineParams& p, cudaStream_t stream) {
+  const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
+  const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>((p.hidden + per_block - 1) / per_block));
+  moe_combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t stream) {
+  if (p.hidden % kVec != 0 || p.inter_size % kVec != 0 || p.hidden <= 0 || p.inter_size <= 0 || p.experts < 1 ||
+      p.experts > 64 || p.top_k < 1 || p.tokens < 0)
+    return cudaErrorInvalidValue;
+  if (p.tokens == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_experts_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_experts_typed<__half>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t moe_combine_launch(const MoeCombineParams& p, cudaStream_t stream) {
+  if (p.hidden % kVec != 0 || p.top_k < 1 || p.tokens < 0) return cudaErrorInvalidValue;
+  if (p.tokens == 0 || p.hidden == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_combine_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_combine_typed<__half>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mixtral

@@ -1,0 +1,47 @@
+// moe_experts, decode regime: the two expert GEMVs (weights streamed once per row chunk at memory bandwidth) and the
+// deterministic weighted combine back to token order. See moe_decode.cu.
+#pragma once
+#include "common.h"
+
+namespace mixtral {
+
+// Above this many tokens moe_experts first tries the tensor-core grouped GEMM (moe_gemm.h); at or below it the
+// GEMV kernels here run. 64 is a first guess: it must be measured on the GPU (bench/kbench/moe_decode.py against
+// the grouped GEMM once that exists). The GEMVs stay correct for any T (they loop over row chunks of an expert).
+constexpr int64_t kMoeDecodeMaxTokens = 64;
+
+// Rows are the R = T*k (token, slot) pairs in expert-sorted order (moe_route's sorted_tokens / expert_offsets).
+struct MoeDecodeParams {
+  const void* x;               // [T, H] token order
+  const int* sorted_tokens;    // [R] token of each expert-sorted row
+  const int* expert_offsets;   // [E + 1]
+  const void* w13;             // [E, 2I, H] w1/w3 interleaved by row (2i: gate unit i, 2i+1: up unit i)
+  const void* w2;              // [E, H, I]
+  void* inter;                 // [R, I] silu(gate) * up, rounded once to the activation dtype
+  float* out_rows;             // [R, H] fp32 w2[e] @ inter[r] (unweighted)
+  int64_t tokens;              // T
+  int64_t hidden;              // H, a multiple of 8 (16-byte vectors)
+  int64_t inter_size;          // I, a multiple of 8
+  int top_k;                   // k
+  int experts;                 // E <= 64
+  DType dtype;                 // of x, w13, w2, inter: bf16 or fp16
+};
+
+// GEMV1 (gate/up + silu*mul -> inter) then GEMV2 (down -> out_rows): two launches.
+cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t stream);
+
+struct MoeCombineParams {
+  const float* out_rows;       // [R, H] fp32, expert-sorted rows
+  const float* topk_weights;   // [T, k]
+  const int* token_rows;       // [T, k] row of each (token, slot)
+  void* y;                     // [T, H] activation dtype
+  int64_t tokens;              // T
+  int64_t hidden;              // H, a multiple of 8
+  int top_k;                   // k
+  DType dtype;                 // of y: bf16 or fp16
+};
+
+// y[t] = round(sum over slots s in order of topk_weights[t, s] * out_rows[token_rows[t, s]]): one launch, no atomics.
+cudaError_t moe_combine_launch(const MoeCombineParams& p, cudaStream_t stream);
+
+}  // namespace mixtral

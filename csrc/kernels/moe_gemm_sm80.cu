@@ -1,0 +1,323 @@
+// Grouped expert GEMM, sm_80 path: mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async multistage pipeline. Runs
+// on A100-class GPUs and (from the sm_90a cubin) on Hopper when the sm90 path is unavailable or not chosen.
+//
+// Algorithm: persistent blocks walk the tile list of moe_gemm_common.cuh. Per tile (BM x 128 outputs), K is walked in
+// 64-wide k-tiles through a STAGES-deep ring of shared-memory buffers filled by cp.async (16-byte chunks): A rows
+// are gathered on the fly (GEMM1: A row of sorted row r is x[sorted_tokens[r]]; no permuted copy of x is needed
+// because cp.async takes one address per 16-byte chunk anyway), B rows are the expert's weight rows. 8 warps in a
+// 2 (M) x 4 (N) grid, each warp owns (BM/2) x 32 outputs = (BM/32) x 4 mma tiles of 16x8, fp32 accumulators.
+//
+// Shared-memory layout: a tile is rows of 64 bf16 = 128 bytes = 8 chunks of 16 bytes; chunk c of row r is stored
+// at chunk position c ^ (r & 7) (XOR swizzle). ldmatrix reads 8 rows (r..r+7, r a multiple of 8) at one logical
+// chunk: the physical chunks c ^ 0..7 are all different, so the 8 row reads hit all 32 banks once, conflict-free.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16; g = lane / 4 "groupID", t = lane % 4 "threadID_in_group"):
+//   A (16x16, row-major): a[0] = (row g,   k 2t..2t+1), a[1] = (row g+8, k 2t..2t+1),
+//                         a[2] = (row g,   k 2t+8..+9), a[3] = (row g+8, k 2t+8..+9)   (2 bf16 per register)
+//   B (16x8, "col"):      b[0] = (k 2t..2t+1, col g),   b[1] = (k 2t+8..+9, col g)
+//   C/D (16x8 fp32):      c[0], c[1] = (row g, cols 2t, 2t+1),  c[2], c[3] = (row g+8, cols 2t, 2t+1)
+// ldmatrix.x4 (no .trans): lanes 8i..8i+7 give the row addresses of 8x8 matrix i (16 bytes per row); register i
+// of every lane receives matrix i's (row lane/4, elements 2*(lane%4), +1). Hence:
+//   A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) -> a[0..3]; lane l
+//      addresses row (l & 15), k chunk (l >> 4).
+//   B (stored [n][k], k contiguous, so a row of the 8x8 matrix is one n with 8 consecutive k = what b[] needs):
+//      matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) -> b[0], b[1] of n-block 0,
+//      b[0], b[1] of n-block 1; lane l addresses n ((l >> 4) * 8 + (l & 7)), k chunk ((l >> 3) & 1).
+//
+// Limits: K and N multiples of 8 (16-byte chunks are whole; GEMM1's N = 2I a multiple of 16), rows arbitrary. Rows
+// past the expert's end and k past K are zero-filled by cp.async (src-size 0), columns past N are loaded as zeros
+// and not stored. Numerics: fp32 accumulation in k order per 16-wide step; GEMM1 rounds silu(gate)*up to bf16.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "moe_gemm_common.cuh"
+
+namespace mixtral {
+namespace moe_gemm {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kBN = 128;
+constexpr int kBK = 64;        // 64 bf16 = 128-byte rows
+constexpr int kRowBytes = kBK * 2;
+
+template <int BM, int STAGES>
+constexpr int sm80_smem_bytes() {
+  return STAGES * (BM + kBN) * kRowBytes;
+}
+
+template <int BM, int STAGES>
+bool fits(const MoeGroupedGemmParams& p) {
+  return p.max_smem_per_block >= sm80_smem_bytes<BM, STAGES>() + kStaticSmemBound;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes 16 zero bytes (src must still be a valid address).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Byte offset of logical 16-byte chunk c of row r in a swizzled 128-byte-row tile.
+__device__ __forceinline__ uint32_t swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
+
+// SWIGLU: GEMM1 (gathered A rows, silu(gate)*up epilogue, bf16 out [R, N/2]); else GEMM2 (fp32 out [R, N]).
+template <int BM, int STAGES, bool SWIGLU>
+__global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
+  constexpr int kWarpM = BM / 2;          // rows per warp
+  constexpr int kMFrag = kWarpM / 16;     // 16-row mma tiles per warp
+  constexpr int kNFrag = 4;               // 8-column mma tiles per warp (32 columns)
+  constexpr int kARowsPerThread = BM / 32;  // 8 chunks per row, 256 threads: 32 rows per pass
+  constexpr int kBRowsPerThread = kBN / 32;
+  constexpr int kStageA = BM * kRowBytes;
+  constexpr int kStageB = kBN * kRowBytes;
+  static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+  static_assert(STAGES >= 3, "at least 3 stages");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int s_off[kMaxExperts + 1];
+  __shared__ int s_tiles[kMaxExperts + 1];
+
+  const int ntiles = (g.n + kBN - 1) / kBN;
+  build_schedule(g, BM, ntiles, s_off, s_tiles);
+  const int total = s_tiles[g.experts];
+
+  const uint32_t sA = smem_u32(smem);
+  const uint32_t sB = sA + STAGES * kStageA;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp >> 2;  // 0..1
+  const int wn = warp & 3;   // 0..3
+  const int ktiles = (g.k + kBK - 1) / kBK;
+  // This thread's copy assignment: chunk ld_c of rows ld_r + 32 i.
+  const int ld_c = tid & 7;
+  const int ld_r = tid >> 3;
+
+  int e = 0;
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const Tile tl = decode_tile(tile, e, BM, kBN, s_off, s_tiles);
+    const __nv_bfloat16* b_exp = g.b + static_cast<int64_t>(tl.e) * g.n * g.k;
+
+    // Source rows of this thread's chunks (resolved once per tile; invalid rows read nothing and fill zeros).
+    const __nv_bfloat16* a_src[kARowsPerThread];
+    bool a_ok[kARowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kARowsPerThread; ++i) {
+      const int r = tl.m0 + ld_r + 32 * i;
+      a_ok[i] = r < tl.m_end;
+      const int src_row = a_ok[i] ? (g.gather ? __ldg(g.gather + r) : r) : 0;
+      a_src[i] = g.a + static_cast<int64_t>(src_row) * g.k;
+    }
+    const __nv_bfloat16* b_src[kBRowsPerThread];
+    bool b_ok[kBRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kBRowsPerThread; ++i) {
+      const int n = tl.n0 + ld_r + 32 * i;
+      b_ok[i] = n < g.n;
+      b_src[i] = b_exp + static_cast<int64_t>(b_ok[i] ? n : 0) * g.k;
+    }
+
+    // A chunk that is not loaded (row past the expert, column past N, k past K) is zero-filled from src-size 0;
+    // its source address is then the tensor's base, so no out-of-range address is ever formed.
+    auto load_stage = [&](int kt, int stage) {
+      const int kcol = kt * kBK + ld_c * 8;
+      const bool k_ok = kcol < g.k;
+      const uint32_t a_dst = sA + stage * kStageA;
+      const uint32_t b_dst = sB + stage * kStageB;
+#pragma unroll
+      for (int i = 0; i < kARowsPerThread; ++i) {
+        const bool ok = a_ok[i] && k_ok;
+        cp_async_16(a_dst + swz(ld_r + 32 * i, ld_c), ok ? a_src[i] + kcol : g.a, ok ? 16 : 0);
+      }
+#pragma unroll
+      for (int i = 0; i < kBRowsPerThread; ++i) {
+        const bool ok = b_ok[i] && k_ok;
+        cp_async_16(b_dst + swz(ld_r + 32 * i, ld_c), ok ? b_src[i] + kcol : g.b, ok ? 16 : 0);
+      }
+    };
+
+    float acc[kMFrag][kNFrag][4];
+#pragma unroll
+    for (int i = 0; i < kMFrag; ++i)
+#pragma unroll
+      for (int j = 0; j < kNFrag; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+    // Prologue: k-tiles 0 .. STAGES-2 in flight, one commit group each (empty groups past the end keep the
+    // group arithmetic of the main loop uniform).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < ktiles) load_stage(s, s);
+      cp_async_commit();
+    }
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+      // Groups committed so far: STAGES-1+kt; leaving STAGES-2 pending means k-tile kt has landed (for this
+      // thread); the barrier makes every thread's chunks visible and proves all warps are done with k-tile kt-1,
+      // whose buffer ((kt-1) % STAGES == (kt+STAGES-1) % STAGES) the prefetch below overwrites.
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      const int pf = kt + STAGES - 1;
+      if (pf < ktiles) load_stage(pf, pf % STAGES);
+      cp_async_commit();
+
+      const int stage = kt % STAGES;
+      const uint32_t a_base = sA + stage * kStageA;
+      const uint32_t b_base = sB + stage * kStageB;
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks) {
+        uint32_t af[kMFrag][4];
+        uint32_t bf[kNFrag][2];
+#pragma unroll
+        for (int i = 0; i < kMFrag; ++i) {
+          const int row = wm * kWarpM + i * 16 + (lane & 15);
+          const int chunk = ks * 2 + (lane >> 4);
+          ldmatrix_x4(a_base + swz(row, chunk), af[i][0], af[i][1], af[i][2], af[i][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < kNFrag / 2; ++j) {
+          const int nrow = wn * 32 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
+          const int chunk = ks * 2 + ((lane >> 3) & 1);
+          ldmatrix_x4(b_base + swz(nrow, chunk), bf[2 * j][0], bf[2 * j][1], bf[2 * j + 1][0], bf[2 * j + 1][1]);
+        }
+#pragma unroll
+        for (int i = 0; i < kMFrag; ++i)
+#pragma unroll
+          for (int j = 0; j < kNFrag; ++j) mma_bf16_16816(acc[i][j], af[i], bf[j]);
+      }
+    }
+    // Drain the (empty) trailing groups and make sure no warp still reads the ring before the next tile's
+    // prologue refills it.
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Epilogue straight from registers (see moe_gemm_common.cuh for the fragment -> column mapping).
+    const int grp = lane >> 2;
+    const int tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < kMFrag; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = tl.m0 + wm * kWarpM + i * 16 + grp + 8 * h;
+        const bool row_ok = r < tl.m_end;
+        if constexpr (SWIGLU) {
+          __nv_bfloat16* out_row = static_cast<__nv_bfloat16*>(g.out) + static_cast<int64_t>(r) * (g.n / 2);
+#pragma unroll
+          for (int j = 0; j < kNFrag; j += 2) {
+            const int nb = tl.n0 + wn * 32 + j * 8;  // multiple of 16; N too, so both blocks are in or out
+            store_swiglu_pair(out_row, nb, acc[i][j][2 * h], acc[i][j][2 * h + 1], acc[i][j + 1][2 * h],
+                              acc[i][j + 1][2 * h + 1], row_ok && nb < g.n);
+          }
+        } else {
+          float* out_row = static_cast<float*>(g.out) + static_cast<int64_t>(r) * g.n;
+#pragma unroll
+          for (int j = 0; j < kNFrag; ++j) {
+            const int n = tl.n0 + wn * 32 + j * 8 + 2 * tig;
+            store_f32_pair(out_row, n, acc[i][j][2 * h], acc[i][j][2 * h + 1], row_ok && n < g.n);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int BM, int STAGES, bool SWIGLU>
+cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream_t stream) {
+  auto kernel = moe_gemm_sm80_kernel<BM, STAGES, SWIGLU>;
+  constexpr int smem = sm80_smem_bytes<BM, STAGES>();
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorNotSupported;
+  // Upper bound of the tile count: sum_e ceil(rows_e / BM) <= rows / BM + E.
+  const int64_t ntiles = (g.n + kBN - 1) / kBN;
+  const int64_t max_tiles = (rows / BM + g.experts) * ntiles;
+  const int64_t grid = std::min<int64_t>(max_tiles, static_cast<int64_t>(sm_count) * per_sm);
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(g);
+  return cudaGetLastError();
+}
+
+template <bool SWIGLU>
+cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmParams& p, cudaStream_t stream) {
+  // BM = 64 when experts are small (a 128-row tile would be mostly padding) or when 128-row tiles would leave
+  // SMs idle; 128 otherwise (twice the reuse of each B fragment). Stages: 4 when the device's shared memory
+  // allows it, else 3.
+  const int64_t ntiles = (g.n + kBN - 1) / kBN;
+  const bool small = rows / g.experts < 96 || (rows / 128) * ntiles < 2LL * p.sm_count;
+  if (small) {
+    if (fits<64, 4>(p)) return launch_one<64, 4, SWIGLU>(g, rows, p.sm_count, stream);
+    if (fits<64, 3>(p)) return launch_one<64, 3, SWIGLU>(g, rows, p.sm_count, stream);
+    return cudaErrorNotSupported;
+  }
+  if (fits<128, 4>(p)) return launch_one<128, 4, SWIGLU>(g, rows, p.sm_count, stream);
+  if (fits<128, 3>(p)) return launch_one<128, 3, SWIGLU>(g, rows, p.sm_count, stream);
+  if (fits<64, 3>(p)) return launch_one<64, 3, SWIGLU>(g, rows, p.sm_count, stream);
+  return cudaErrorNotSupported;
+}
+
+}  // namespace
+
+bool sm80_available() {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, moe_gemm_sm80_kernel<128, 4, true>) != cudaSuccess) {
+    (void)cudaGetLastError();  // "no kernel image for this device" is an answer here, not a sticky error
+    return false;
+  }
+  return true;
+}
+
+cudaError_t sm80_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+  if (!fits<64, 3>(p)) return cudaErrorNotSupported;  // the smallest configuration; checked before any launch
+  const int64_t rows = p.tokens * p.top_k;
+  GemmArgs g1{};
+  g1.a = static_cast<const __nv_bfloat16*>(p.x);
+  g1.gather = p.sorted_tokens;
+  g1.b = static_cast<const __nv_bfloat16*>(p.w13);
+  g1.out = p.inter;
+  g1.offsets = p.expert_offsets;
+  g1.experts = p.experts;
+  g1.k = static_cast<int>(p.hidden);
+  g1.n = static_cast<int>(2 * p.inter_size);
+  cudaError_t err = launch_gemm<true>(g1, rows, p, stream);
+  if (err != cudaSuccess) return err;
+
+  GemmArgs g2{};
+  g2.a = static_cast<const __nv_bfloat16*>(p.inter);
+  g2.gather = nullptr;
+  g2.b = static_cast<const __nv_bfloat16*>(p.w2);
+  g2.out = p.out_rows;
+  g2.offsets = p.expert_offsets;
+  g2.experts = p.experts;
+  g2.k = static_cast<int>(p.inter_size);
+  g2.n = static_cast<int>(p.hidden);
+  return launch_gemm<false>(g2, rows, p, stream);
+}
+
+}  // namespace moe_gemm
+}  // namespace mixtral

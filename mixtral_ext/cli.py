@@ -1,0 +1,377 @@
+"""The `mixtral-ext` command (also `python -m mixtral_ext`): generate, chat, demo, bench.
+
+    mixtral-ext demo                                   # tiny random-weight Mixtral, real code path, seconds on a CPU
+    mixtral-ext generate --model DIR --prompt "Hello my name is" --max-new-tokens 32
+    mixtral-ext generate --model DIR --chat --prompt "Write a haiku about GPUs."
+    mixtral-ext chat --model DIR                       # multi-turn Instruct chat; EOF (Ctrl-D) or /exit ends it
+    mixtral-ext bench [--quick]                        # bench/bench_kernels.py and bench/bench_e2e.py (needs a GPU)
+
+Generated text streams to stdout; statistics (tokens/s) go to stderr. Every error is one line on stderr and a
+non-zero exit status (2 for bad arguments, 1 otherwise); MIXTRAL_EXT_DEBUG=1 shows the traceback instead.
+All CLI state lives here: the library functions it calls take their inputs as parameters.
+"""
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+PROG = "mixtral-ext"
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _nonneg_float(text):
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _top_p(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _nonneg_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description="Mixtral-8x7B inference with hand-written CUDA kernels.")
+    sub = p.add_subparsers(dest="command", metavar="{generate,chat,demo,bench}")
+
+    def model_args(q, required):
+        q.add_argument("--model", required=required, metavar="DIR",
+                       help="checkpoint directory (Hugging Face or Mistral consolidated layout)")
+        q.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its directory (default: --model)")
+
+    def run_args(q, max_new, seed_help="sampling seed (with T > 0)"):
+        q.add_argument("--max-new-tokens", type=_positive_int, default=max_new, metavar="N")
+        q.add_argument("--temperature", type=_nonneg_float, default=0.0, metavar="T",
+                       help="0 (default) decodes greedily; > 0 samples")
+        q.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling (with T > 0)")
+        q.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="0 = off (with T > 0)")
+        q.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
+        q.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                       help="default: cuda when a GPU is available, else cpu")
+        q.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                       help="default: bf16 on cuda, fp32 on cpu")
+
+    g = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat), streaming")
+    model_args(g, True)
+    g.add_argument("--prompt", required=True, metavar="TEXT")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the Instruct format")
+    g.add_argument("--system", metavar="TEXT", help="a system prompt (with --chat)")
+    run_args(g, 64)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (Instruct format), streaming")
+    model_args(c, True)
+    c.add_argument("--system", metavar="TEXT", help="a system prompt")
+    run_args(c, 256)
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="the embedded demo: a tiny random-weight Mixtral, real tokenizer and code path")
+    model_args(d, False)
+    d.add_argument("--prompt", default=None, metavar="TEXT", help="default: a fixed prompt")
+    run_args(d, 32, seed_help="seed of the random weights (default 0) and of sampling")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="run bench/bench_kernels.py and bench/bench_e2e.py (needs a CUDA GPU)")
+    b.add_argument("--quick", action="store_true", help="fewer sizes")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad command line (2, already reported)
+        return exc.code
+    if args.command is None:
+        print(f"{PROG}: error: choose a command: generate, chat, demo or bench (see --help)", file=sys.stderr)
+        return 2
+    for stream in (sys.stdout, sys.stderr):
+        # Generated text can hold any character; a terminal that cannot show one gets a replacement, not an error.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): not worth a message
+        try:  # keep the interpreter's final flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 1
+    except Exception as exc:
+        if os.environ.get("MIXTRAL_EXT_DEBUG"):
+            raise
+        # Expected failures (a missing or invalid checkpoint, no GPU, a too-long prompt, a model too large) are
+        # OSError / ValueError / RuntimeError with a message meant for the user; anything else is our bug.
+        expected = isinstance(exc, (OSError, ValueError, RuntimeError, ImportError))
+        msg = str(exc) if expected and str(exc) else f"internal error: {type(exc).__name__}: {exc} " \
+                                                      f"(MIXTRAL_EXT_DEBUG=1 shows the traceback)"
+        print(f"{PROG}: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 1
+
+
+# ---- shared --------------------------------------------------------------------------------------------------------
+def _device_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                           "use --device cpu")
+    name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    return device, getattr(torch, _DTYPES[name])
+
+
+def _load(model_dir, tokenizer_path, device, dtype, progress=None):
+    """The tokenizer first (cheap, fails fast), then the model (with a progress bar when stderr is a terminal)."""
+    from .model import Mixtral
+    from .tokenizer import Tokenizer
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: no such directory")
+    try:
+        tok = Tokenizer.from_pretrained(tokenizer_path or model_dir)
+    except FileNotFoundError as exc:
+        hint = "" if tokenizer_path else " (pass --tokenizer PATH)"
+        raise FileNotFoundError(f"{exc}{hint}") from None
+    if progress is None:
+        progress = sys.stderr.isatty()
+    model = Mixtral.from_pretrained(model_dir, device=device, dtype=dtype, progress=progress)
+    vocab = model.config.vocab_size
+    if tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {vocab}: they do "
+                         f"not belong together")
+    return model, tok
+
+
+def _generation_kwargs(args, seed_has_other_uses=False):
+    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    seed_for_sampling = args.seed is not None and not seed_has_other_uses
+    if not kw["do_sample"] and (args.top_p != 1.0 or args.top_k or seed_for_sampling):
+        raise ValueError("--top-p, --top-k and --seed shape sampling, which needs --temperature > 0 (the default, "
+                         "0, decodes greedily)")
+    if kw["do_sample"]:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)  # top_k 0 = off
+        if args.seed is not None:
+            kw["seed"] = args.seed
+    return kw
+
+
+def _token_id(step):
+    """One streamed step of model.generate(stream=True) for a single sequence: an int, or a 1-element tensor/list."""
+    if isinstance(step, int):
+        return step
+    if hasattr(step, "reshape"):
+        step = step.reshape(-1).tolist()
+    (value,) = step
+    return int(value)
+
+
+def stream_generation(model, tok, prompt_ids, gen_kwargs, out, context=()):
+    """Generate from prompt_ids, writing the text to `out` as it comes. Returns (new ids, timing dict)."""
+    import torch
+
+    _check_context(model, len(prompt_ids), gen_kwargs["max_new_tokens"])
+    dec = tok.stream_decoder(context)
+    new, t_first = [], None
+    t0 = time.perf_counter()
+    steps = model.generate(torch.tensor([prompt_ids], device=model.device), stream=True, **gen_kwargs)
+    for step in steps:
+        token = _token_id(step)
+        if t_first is None:
+            t_first = time.perf_counter()
+        new.append(token)
+        text = dec.put(token)
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(dec.flush())
+    out.flush()
+    return new, {"prompt": len(prompt_ids), "new": len(new), "t_first": (t_first or time.perf_counter()) - t0,
+                 "total": time.perf_counter() - t0}
+
+
+def _check_context(model, n_prompt, max_new_tokens, what="the prompt"):
+    limit = model.config.max_position_embeddings
+    if n_prompt + max_new_tokens > limit:
+        raise ValueError(f"{what} ({n_prompt} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+                         f"context of {limit} tokens")
+
+
+def _report(stats, err):
+    n, total, first = stats["new"], stats["total"], stats["t_first"]
+    line = f"{n} tokens in {total:.2f} s: {n / total if total > 0 else 0:.1f} tok/s (prompt {stats['prompt']} tokens"
+    if n > 1 and total > first:
+        line += f"; first token after {first:.2f} s, then {(n - 1) / (total - first):.1f} tok/s"
+    print(line + ")", file=err)
+
+
+def _backend(device):
+    from . import HAS_CUDA_KERNELS
+
+    if device == "cuda":
+        return "CUDA kernels" if HAS_CUDA_KERNELS else "PyTorch reference ops (CUDA extension not built)"
+    return "PyTorch reference ops"
+
+
+# ---- commands ------------------------------------------------------------------------------------------------------
+def cmd_generate(args):
+    gen_kwargs = _generation_kwargs(args)
+    device, dtype = _device_dtype(args)
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat")
+    model, tok = _load(args.model, args.tokenizer, device, dtype)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        ids, context = tok.encode_chat(messages), ()
+    else:
+        ids = tok.encode(args.prompt)
+        context = ids  # the continuation's first space is kept, as in decode(prompt + continuation)
+        _check_context(model, len(ids), args.max_new_tokens)
+        sys.stdout.write(args.prompt)
+    _, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context)
+    sys.stdout.write("\n")
+    _report(stats, sys.stderr)
+    return 0
+
+
+def cmd_chat(args):
+    gen_kwargs = _generation_kwargs(args)
+    device, dtype = _device_dtype(args)
+    model, tok = _load(args.model, args.tokenizer, device, dtype)
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(base)
+    if interactive:
+        print(f"{PROG} chat: {args.model} on {device} ({_backend(device)}). One line per turn; /reset starts over, "
+              f"/exit or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = list(base)
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        ids = tok.encode_chat(messages)
+        try:
+            _check_context(model, len(ids), args.max_new_tokens, "the conversation")
+        except ValueError as exc:
+            print(f"{PROG}: {exc}; /reset to start over", file=sys.stderr)
+            continue
+        new, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _report(stats, sys.stderr)
+        answer = tok.decode(new)
+        # The v1 format has no empty answers; an answer that was only EOS leaves the user turn to merge with the next.
+        history = messages + ([{"role": "assistant", "content": answer}] if answer else [])
+    if interactive:
+        sys.stderr.write("\n")
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import PROMPT, build_tiny_checkpoint, demo_config
+
+    gen_kwargs = _generation_kwargs(args, seed_has_other_uses=True)  # --seed also seeds the random weights
+    device, dtype = _device_dtype(args)
+    prompt = args.prompt if args.prompt is not None else PROMPT
+    with tempfile.TemporaryDirectory(prefix="mixtral_ext_demo_") as tmp:
+        if args.model:
+            model_dir, random_weights = args.model, False
+        else:
+            model_dir, random_weights = tmp, True
+            # Stored in the dtype it will run in: half the bytes to write and read on a GPU.
+            cfg = build_tiny_checkpoint(tmp, demo_config(device), seed=0 if args.seed is None else args.seed,
+                                        dtype=dtype)
+            print(f"{PROG} demo: no --model given, so this is a tiny Mixtral with RANDOM weights "
+                  f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts, "
+                  f"top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), written to a temporary checkpoint.")
+        t0 = time.perf_counter()
+        model, tok = _load(model_dir, args.tokenizer, device, dtype, progress=False if random_weights else None)
+        print(f"Loaded in {time.perf_counter() - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')}, "
+              f"{_backend(device)}) with the real Mixtral tokenizer and loader.")
+        if random_weights:
+            print("The weights are random, so the generated text is meaningless: this shows the code path, "
+                  "not the model. Pass --model DIR for a real checkpoint.")
+        print(f"prompt: {prompt!r}")
+        print("-" * 60)
+        ids = tok.encode(prompt)
+        _check_context(model, len(ids), args.max_new_tokens)
+        sys.stdout.write(prompt)
+        _, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context=ids)
+        sys.stdout.write("\n" + "-" * 60 + "\n")
+        sys.stdout.flush()
+        _report(stats, sys.stderr)
+    return 0
+
+
+def _find_bench_dir():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source tree (editable install)
+    for root in (here, os.getcwd()):
+        d = os.path.join(root, "bench")
+        if os.path.isfile(os.path.join(d, "bench_kernels.py")):
+            return d
+    return None
+
+
+def cmd_bench(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench: no CUDA GPU here; the benchmarks time CUDA kernels and need one")
+    bench = _find_bench_dir()
+    scripts = [os.path.join(bench, name) for name in ("bench_kernels.py", "bench_e2e.py")] if bench else []
+    missing = [s for s in scripts if not os.path.isfile(s)]
+    if not bench or missing:
+        what = ", ".join(os.path.basename(s) for s in missing) if bench else "bench/bench_kernels.py"
+        raise FileNotFoundError(f"bench: {what} not found (the benchmarks live in the source checkout: run from "
+                                f"the repository or an editable install)")
+    status = 0
+    for script in scripts:
+        print(f"== {os.path.relpath(script)}", flush=True)
+        rc = subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
+        if rc:
+            print(f"{PROG}: {os.path.basename(script)} exited with status {rc}", file=sys.stderr)
+            status = status or rc
+    return status

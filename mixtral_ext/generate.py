@@ -1,0 +1,250 @@
+"""generate(): transformers-compatible generation over the static KV cache.
+
+Prompts run ragged: each sequence keeps its own length in the cache (row b, positions 0..n_b-1), the prefill packs
+them without padding, and every decode step feeds one token per sequence at its own position. The result is
+left-padded like transformers' output: [B, max_b n_b + new] with pad_token_id before short prompts and after a
+sequence's EOS.
+
+On a GPU with the CUDA kernels, the decode step is captured once per batch size in a CUDA graph (its inputs are the
+static device tensors DecodeState.tokens / .positions; sampling runs eagerly on the graph's logits), and the host
+looks at the tokens only every `sync_every` steps to see whether every sequence has stopped (each step when
+streaming, which must hand the tokens over anyway). Elsewhere the same step runs eagerly.
+
+Logits processing follows transformers' order: repetition penalty, then (sampling only) temperature, top-k, top-p.
+"""
+import torch
+
+from . import ops
+from .model import KVCache
+
+
+class DecodeState:
+    """One batch size's static cache, step inputs and (on CUDA with kernels) its captured decode step."""
+
+    def __init__(self, model, batch, length, use_graph):
+        dev = model.device
+        self.cache = KVCache(model.config, batch, length, dev, model.dtype)
+        self.length = length
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)  # [B] the token each sequence feeds next
+        self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)  # [B] its slot in the cache
+        self.seq_ids = torch.arange(batch, dtype=torch.int32, device=dev)  # [B] decode: sequence b is cache row b
+        self.graph, self.logits = None, None
+        if use_graph:
+            self._capture(model)
+
+    def _capture(self, model):
+        # Warm-up on a side stream first (cuBLAS workspaces, lazy initialisation), as CUDA-graph capture requires.
+        # It writes cache slot 0 of every row, which the next prefill overwrites before anything reads it.
+        side = torch.cuda.Stream(device=model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)  # [B, V]
+
+    def step(self, model):
+        """Logits [B, V] of the tokens in self.tokens at self.positions (the graph's output buffer when captured:
+        valid until the next step)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)
+
+
+def graphs_supported(model):
+    """CUDA graphs need every op to be a CUDA kernel: the reference fallbacks read device values on the host."""
+    if model.device.type != "cuda":
+        return False
+    return all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in ops.OP_NAMES)
+
+
+def decode_state(model, batch, needed, use_graph):
+    """The model's DecodeState for this batch size, reused while its cache is long enough."""
+    states = model._decode_states
+    state = states.get(batch)
+    if state is not None and state.length >= needed and (state.graph is not None) == use_graph:
+        return state
+    states.pop(batch, None)
+    state = None
+    length = needed
+    if model.device.type == "cuda":  # round up so later calls with slightly longer prompts reuse the graph
+        length = min(-(-needed // 256) * 256, model.config.max_position_embeddings)
+    try:
+        state = DecodeState(model, batch, length, use_graph)
+    except torch.cuda.OutOfMemoryError:
+        states.clear()  # other batch sizes' caches are what is in the way
+        torch.cuda.empty_cache()
+        state = DecodeState(model, batch, length, use_graph)
+    states[batch] = state
+    return state
+
+
+def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+             repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, seed=None, stream=False,
+             use_cuda_graph=None, sync_every=8):
+    """Generate up to max_new_tokens new tokens per sequence.
+
+    input_ids: a LongTensor [B, T] (every row a whole prompt), a list of ints (one prompt) or a list of id lists
+    (prompts of different lengths, run ragged). Sampling (do_sample=True) draws from softmax(scores) after the
+    processors; `seed` makes it reproducible (a generator of its own; None uses torch's global RNG). eos_token_id:
+    int, list of ints, or None for the config's; [] disables stopping. pad_token_id: None = the config's, else the
+    first EOS id, else 0. use_cuda_graph: None = whenever possible, False = eager steps, True = required.
+
+    Returns a LongTensor [B, max_b n_b + new] (on input_ids' device for a tensor, else the CPU), prompts left-padded,
+    new = max_new_tokens, or fewer when every sequence has emitted an EOS (as transformers). With stream=True,
+    returns an iterator instead: each item is a list of B ints, the token each sequence produced at that step
+    (pad_token_id for a sequence that already stopped); it ends when every sequence has stopped or after
+    max_new_tokens items, and its return value (StopIteration.value) is the tensor above.
+    """
+    cfg = model.config
+    prompts, out_device = _prompts(input_ids, cfg.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"max_new_tokens: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"the context max_position_embeddings={cfg.max_position_embeddings}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    eos = cfg.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", () if pad_token_id is None else (pad_token_id,))):
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
+                raise ValueError(f"{name}: {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    pad = pad_token_id if pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    can_graph = graphs_supported(model)
+    if use_cuda_graph and not can_graph:
+        raise ValueError(f"use_cuda_graph=True needs a CUDA model whose every op has a CUDA kernel for "
+                         f"{model.dtype} (device {model.device}, extension: {ops.EXTENSION_STATUS})")
+    use_graph = can_graph if use_cuda_graph is None else bool(use_cuda_graph)
+    steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
+                      float(repetition_penalty), eos, pad, seed, stream, use_graph, sync_every, out_device)
+    if stream:
+        return steps
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _prompts(input_ids, vocab_size):
+    """Normalise input_ids to a list of non-empty id lists (validated) and the device of the result."""
+    out_device = torch.device("cpu")
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids must be [batch, tokens] (or one prompt [tokens]), got shape "
+                             f"{tuple(input_ids.shape)}")
+        out_device = input_ids.device
+        prompts = input_ids.tolist()
+        prompts = [prompts] if input_ids.dim() == 1 else prompts
+    elif isinstance(input_ids, (list, tuple)):
+        if input_ids and all(isinstance(t, int) for t in input_ids):
+            prompts = [list(input_ids)]
+        else:
+            prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in input_ids]
+    else:
+        raise ValueError(f"input_ids must be a LongTensor or a list of token id lists, got {type(input_ids).__name__}")
+    if not prompts:
+        raise ValueError("input_ids: the batch is empty (no prompts)")
+    for b, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"input_ids: prompt {b} is empty (each prompt needs at least one token)")
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"input_ids: prompt {b} holds token id {t!r}, outside the vocabulary "
+                                 f"[0, {vocab_size})")
+    return prompts, out_device
+
+
+@torch.inference_mode()
+def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, penalty, eos, pad, seed, stream,
+              use_graph, sync_every, out_device):
+    dev, V = model.device, model.config.vocab_size
+    B, lens = len(prompts), [len(p) for p in prompts]
+    longest = max(lens)
+    new = torch.full((B, max_new), pad, dtype=torch.long, device=dev)  # [B, new]
+    n_keep = 0
+    if max_new > 0:
+        state = decode_state(model, B, longest + max_new, use_graph)
+        logits = model.prefill(prompts, state.cache)  # [B, V]
+        state.positions.copy_(torch.tensor(lens, dtype=torch.int32))
+        generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+        seen = None  # [B, V] bool: tokens each sequence holds so far (for the repetition penalty)
+        if penalty != 1.0:
+            seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            rows = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], device=dev)
+            seen[rows, torch.tensor([t for p in prompts for t in p], device=dev)] = True
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop_step = torch.full((B,), max_new - 1, dtype=torch.long, device=dev)  # step of each sequence's EOS
+        for i in range(max_new):
+            nxt = _next_tokens(logits, seen, do_sample, temperature, top_k, top_p, penalty, generator)
+            nxt = torch.where(finished, pad, nxt)  # [B]
+            new[:, i] = nxt
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            if eos:
+                hit = torch.isin(nxt, eos_ids) & ~finished
+                stop_step = torch.where(hit, i, stop_step)
+                finished |= hit
+            all_done = False
+            if stream:
+                yield nxt.tolist()
+                all_done = bool(eos) and bool(finished.all())
+            elif eos and (i + 1) % sync_every == 0:
+                all_done = bool(finished.all())  # the one host synchronisation of the loop
+            if all_done or i == max_new - 1:
+                break
+            state.tokens.copy_(nxt)
+            logits = state.step(model)
+            state.positions += 1
+        # transformers stops at the step where the last sequence stopped: drop the columns after it.
+        n_keep = int(stop_step.max()) + 1
+    out = torch.full((B, longest + n_keep), pad, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        out[b, longest - len(p):longest] = torch.tensor(p, dtype=torch.long)
+    out[:, longest:] = new[:, :n_keep].cpu()
+    return out.to(out_device)
+
+
+def _next_tokens(logits, seen, do_sample, temperature, top_k, top_p, penalty, generator):
+    """The next token of each sequence from logits [B, V]; no host synchronisation."""
+    scores = logits.float()
+    if seen is not None:  # CTRL's penalty, as transformers: divide positive scores, multiply negative ones
+        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if not do_sample:
+        return scores.argmax(-1)  # ties: the lowest id, as torch.argmax in transformers
+    if temperature != 1.0:
+        scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]; ties with the k-th score stay in
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = scores.sort(dim=-1)
+        # Drop the low tail whose total probability is at most 1 - top_p; the most likely token always stays.
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    # argmax(p / Exp(1) noise) is a draw from Categorical(p) (the exponential race), without a host sync; the clamp
+    # keeps a zero draw from turning 0/0 into NaN.
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / noise).argmax(-1)

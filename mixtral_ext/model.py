@@ -1,0 +1,229 @@
+"""Mixtral-8x7B, read top-down: cache -> model -> block -> attention -> MoE.
+
+Every hot op goes through mixtral_ext.ops (the CUDA kernels on a GPU, the PyTorch references elsewhere); dense
+projections, the router and lm_head are plain F.linear (cuBLAS). Tokens are always packed: a batch is one [T, H]
+matrix whose rows carry their sequence (seq_ids) and position, so ragged prompts need no padding.
+
+Dimension legend: B sequences, T tokens (packed over the batch), S cache length, L layers, V vocab, H hidden,
+I expert FFN width, E experts, k experts per token, Hq / Hkv query / key-value heads, D head dim.
+Numerics follow transformers' MixtralForCausalLM: RMSNorm and the router softmax in float32, the residual stream in
+the model dtype, attention softmax in float32, RoPE in the rotate-half layout with a float32 cos/sin table.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import MixtralConfig
+from .reference import rope_cos_sin
+
+
+class KVCache:
+    """The static cache: k, v [L, B, S, Hkv, D]. Sequence b's token at position p lives in slot [:, b, p]. Zeroed,
+    because the reference decode attention reads every slot (masked) and 0 * garbage could be NaN."""
+
+    def __init__(self, cfg, batch, length, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch, self.length = batch, length
+
+    def layer(self, i):
+        return self.k[i], self.v[i]  # [B, S, Hkv, D] each, contiguous
+
+
+class Batch(NamedTuple):
+    """Where each packed token goes and what it attends to."""
+    positions: torch.Tensor  # [T] int32: position of each token in its sequence (= its cache slot)
+    seq_ids: torch.Tensor  # [T] int32: cache row of each token
+    seq_lens: torch.Tensor  # [B] int32: valid cache slots per sequence once these tokens are written
+    cu_seqlens: Optional[torch.Tensor]  # [B + 1] int32: prefill row ranges; None = decode, one token per sequence
+    max_seqlen_q: int = 1
+
+
+class Mixtral(nn.Module):
+    def __init__(self, cfg: MixtralConfig, device=None, dtype=torch.float32):
+        super().__init__()
+        self.config = cfg
+        kw = dict(device=device, dtype=dtype)
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
+        self.layers = nn.ModuleList(Block(cfg, **kw) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
+        self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
+        # float32 whatever the model dtype (transformers computes cos/sin in float32 too); not a buffer, so that
+        # model.to(dtype) cannot round it.
+        self._rope = rope_cos_sin(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, device=device)
+        self._decode_states = {}  # generate.py's per-batch-size caches and CUDA graphs
+
+    @property
+    def device(self):
+        return self.embed.device
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, progress=True):
+        """Load an HF-layout or consolidated-layout checkpoint directory. device defaults to "cpu"; dtype to
+        bfloat16 on a GPU and float32 on the CPU (where the reference ops run)."""
+        from .weights import find_checkpoint, load_checkpoint
+        _, config_path, _ = find_checkpoint(path)
+        cfg = MixtralConfig.from_pretrained(config_path)
+        device = torch.device(device or "cpu")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_fits(cfg, dtype, device)
+        model = cls(cfg, device=device, dtype=dtype)
+        load_checkpoint(path, cfg, dict(model.named_parameters()), progress=progress)
+        return model.eval()
+
+    def rope_table(self):
+        if self._rope.device != self.device:
+            self._rope = self._rope.to(self.device)
+        return self._rope
+
+    def run_layers(self, ids, batch: Batch, caches):
+        """The decoder over packed tokens. ids: [T]; caches(i) -> (k, v) [B, S, Hkv, D] for layer i.
+        Returns the final-normed hidden states [T, H]."""
+        x = F.embedding(ids, self.embed)  # [T, H]; the residual stream, updated in place by the fused norms
+        rope = self.rope_table()
+        delta, residual = x, None
+        for i, layer in enumerate(self.layers):
+            delta, residual = layer(delta, residual, batch, rope, *caches(i))
+        out, _ = ops.rms_norm(delta, self.norm, self.config.rms_norm_eps, residual)
+        return out
+
+    @torch.inference_mode()
+    def forward(self, input_ids):
+        """Full forward without a cache: input_ids [B, T] -> logits [B, T, V]. A temporary [B, T, Hkv, D] cache is
+        shared by all layers (each layer overwrites it before it attends)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"input_ids has {T} tokens, beyond the context max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
+        ids = input_ids.to(dev).reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={cfg.vocab_size})")
+        k = torch.empty(B, T, cfg.num_key_value_heads, cfg.head_dim, device=dev, dtype=self.dtype)
+        v = torch.empty_like(k)
+        batch = Batch(positions=torch.arange(T, **i32).repeat(B), seq_ids=torch.arange(B, **i32).repeat_interleave(T),
+                      seq_lens=torch.full((B,), T, **i32), cu_seqlens=torch.arange(B + 1, **i32) * T, max_seqlen_q=T)
+        h = self.run_layers(ids, batch, lambda i: (k, v))
+        return F.linear(h, self.lm_head).view(B, T, cfg.vocab_size)
+
+    def prefill(self, prompts, cache):
+        """Write the packed prompts (a list of B id lists; sequence b into cache row b, positions 0..n_b-1) into the
+        cache and return each sequence's last-token logits [B, V]."""
+        dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
+        lens = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
+        cu = torch.tensor([0] + lens, **i32).cumsum(0, dtype=torch.int32)  # [B + 1]
+        batch = Batch(positions=torch.tensor([p for n in lens for p in range(n)], **i32),
+                      seq_ids=torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], **i32),
+                      seq_lens=torch.tensor(lens, **i32), cu_seqlens=cu, max_seqlen_q=max(lens))
+        h = self.run_layers(ids, batch, cache.layer)  # [T, H]
+        return F.linear(h[cu[1:].long() - 1], self.lm_head)  # only the last token of each sequence
+
+    def decode_step(self, tokens, positions, seq_ids, cache):
+        """One new token per sequence: tokens [B] long, positions [B] int32 (their slots), seq_ids [B] int32 =
+        arange(B). Returns logits [B, V]. Free of host synchronisation on the CUDA kernels, so it can be captured
+        in a CUDA graph (every input is a device tensor that the caller updates in place between replays)."""
+        batch = Batch(positions=positions, seq_ids=seq_ids, seq_lens=positions + 1, cu_seqlens=None)
+        h = self.run_layers(tokens, batch, cache.layer)
+        return F.linear(h, self.lm_head)
+
+    def release_cache(self):
+        """Free the KV caches and CUDA graphs that generate() keeps per batch size."""
+        self._decode_states.clear()
+
+    def generate(self, input_ids, **kwargs):
+        """transformers-style generation; see mixtral_ext.generate.generate for the arguments."""
+        from .generate import generate
+        return generate(self, input_ids, **kwargs)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, **kw):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
+        self.attention = Attention(cfg, **kw)
+        self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
+        self.moe = MoE(cfg, **kw)
+
+    def forward(self, x, residual, batch, rope, k_cache, v_cache):
+        """x: the previous block's output (or the embeddings, with residual None) [T, H]. The fused norm adds it
+        into the residual stream in place (residual += x) and normalises the sum. Returns (moe output, residual)."""
+        h, residual = ops.rms_norm(x, self.attn_norm, self.eps, residual)
+        a = self.attention(h, batch, rope, k_cache, v_cache)
+        h, residual = ops.rms_norm(a, self.ffn_norm, self.eps, residual)
+        return self.moe(h), residual
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, **kw):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.window = cfg.sliding_window or 0
+        # q, k, v projections fused at load time: rows are Hq heads of q, then Hkv of k, then Hkv of v.
+        self.wqkv = nn.Parameter(torch.empty(cfg.qkv_size, cfg.hidden_size, **kw), requires_grad=False)
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, **kw),
+                               requires_grad=False)
+
+    def forward(self, x, batch, rope, k_cache, v_cache):
+        T = x.shape[0]
+        qkv = F.linear(x, self.wqkv)  # [T, (Hq + 2 Hkv) * D]
+        # RoPE on q and k; k and v land in the cache at (seq_ids, positions); q comes back rotated [T, Hq, D].
+        q = ops.rope_kv_append(qkv, batch.positions, batch.seq_ids, rope, k_cache, v_cache)
+        if batch.cu_seqlens is None:
+            o = ops.attention_decode(q, k_cache, v_cache, batch.seq_lens, self.scale, self.window)
+        else:
+            o = ops.attention_prefill(q, k_cache, v_cache, batch.cu_seqlens, batch.seq_lens, batch.max_seqlen_q,
+                                      self.scale, self.window)
+        return F.linear(o.view(T, self.n_heads * self.head_dim), self.wo)  # [T, H]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg, **kw):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        E, I, H = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        self.gate = nn.Parameter(torch.empty(E, H, **kw), requires_grad=False)  # the router
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, **kw), requires_grad=False)  # w1, w3 interleaved by row
+        self.w2 = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
+
+    def forward(self, x):
+        route = ops.moe_route(F.linear(x, self.gate), self.top_k)  # softmax/top-k/renormalise + expert permutation
+        return ops.moe_experts(x, route, self.w13, self.w2)  # [T, H]
+
+
+class ModelTooLargeError(RuntimeError):
+    """The model's weights do not fit in the target GPU's free memory."""
+
+
+def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30):
+    """Fail before allocating when the weights (plus `headroom` for activations and a small KV cache) exceed the
+    GPU's free memory. free_bytes/total_bytes default to torch.cuda.mem_get_info(device)."""
+    from .weights import param_bytes
+    device = torch.device(device)
+    if device.type != "cuda" and free_bytes is None:
+        return
+    if free_bytes is None:
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    needed = param_bytes(cfg, dtype)
+    if needed + headroom > free_bytes:
+        gib = 2.0 ** 30
+        total = f" of {total_bytes / gib:.1f} GiB" if total_bytes else ""
+        raise ModelTooLargeError(
+            f"Mixtral ({cfg.num_hidden_layers} layers, {str(dtype).replace('torch.', '')}) needs "
+            f"{needed / gib:.1f} GiB for its weights plus {headroom / gib:.1f} GiB headroom, but {device} has "
+            f"{free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 holds Mixtral-8x7B in "
+            f"bf16); int8 expert weights, which would halve the need, are not implemented yet.")

@@ -1,0 +1,256 @@
+"""attention_prefill: the reference against an independent float64 formula (CPU, CI) and the CUDA kernels against the
+reference under the 2x rule (GPU), for the kernel path this process uses (MIXTRAL_EXT_ATTN_PATH, default auto); on
+Hopper, test_each_path_in_a_subprocess reruns the GPU tests with the sm_80 path forced and, where built, the sm_90a
+path forced."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixtral_ext import ops, reference
+from numerics import assert_2x_rule
+
+D = 128
+
+
+def visible(q_pos, k_pos, window):
+    """Independent spelling of the mask: [n, L] bool."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    ok = diff >= 0
+    return ok & (diff < window) if window > 0 else ok
+
+
+def formula(q, k_cache, v_cache, cu, lens, scale, window):
+    """float64 attention, one sequence and one query head at a time, GQA by index arithmetic."""
+    T, Hq, _ = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.zeros(T, Hq, q.shape[2], dtype=torch.float64)
+    for b in range(len(lens)):
+        n, L = cu[b + 1] - cu[b], lens[b]
+        if n == 0:
+            continue
+        mask = visible(torch.arange(L - n, L), torch.arange(L), window)
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            s = q[cu[b]:cu[b + 1], h].double() @ k_cache[b, :L, kv].double().T * scale
+            s = s.masked_fill(~mask, -math.inf)
+            p = torch.exp(s - s.max(-1, keepdim=True).values)
+            out[cu[b]:cu[b + 1], h] = (p / p.sum(-1, keepdim=True)) @ v_cache[b, :L, kv].double()
+    return out
+
+
+def make_inputs(new_lens, prefix_lens, Hq=4, Hkv=2, dtype=torch.float32, device="cpu", slack=0, seed=0,
+                q_scale=1.0, stale=0.0):
+    """Random q [T, Hq, D] and caches [B, S, Hkv, D] with S = max(prefix + new) + slack. Cache slots past each
+    sequence's length hold `stale` (NaN in the GPU tests: the kernel must never let them reach the output)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = len(new_lens)
+    lens = [p + n for p, n in zip(prefix_lens, new_lens)]
+    S = max(lens) + slack
+    cu = [0]
+    for n in new_lens:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], Hq, D, generator=g) * q_scale
+    k = torch.randn(B, S, Hkv, D, generator=g)
+    v = torch.randn(B, S, Hkv, D, generator=g)
+    for b, L in enumerate(lens):
+        k[b, L:] = stale
+        v[b, L:] = stale
+    args = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    return (*args, torch.tensor(cu, dtype=torch.int32, device=device),
+            torch.tensor(lens, dtype=torch.int32, device=device), max(new_lens), cu, lens)
+
+
+@pytest.mark.parametrize("new_lens,prefix_lens,window", [
+    ([1], [0], 0), ([17], [0], 0), ([5, 1, 33], [0, 7, 20], 0), ([9, 40], [3, 0], 4), ([16, 1], [50, 10], 1),
+    ([0, 6], [4, 2], 0),
+])
+def test_reference_matches_formula(new_lens, prefix_lens, window):
+    q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, seed=len(new_lens) + window)
+    scale = D ** -0.5
+    out = ops.attention_prefill(q, k, v, cu_t, lens_t, max_q, scale, window)
+    torch.testing.assert_close(out.double()[:cu[-1]], formula(q, k, v, cu, lens, scale, window), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_opcheck_cpu():
+    q, k, v, cu_t, lens_t, max_q, _, _ = make_inputs([3, 5], [2, 0], seed=3)
+    torch.library.opcheck(torch.ops.mixtral_ext.attention_prefill.default, (q, k, v, cu_t, lens_t, max_q, 0.1, 0))
+    torch.library.opcheck(torch.ops.mixtral_ext.attention_prefill.default, (q, k, v, cu_t, lens_t, max_q, 0.1, 2))
+
+
+def test_registered_for_all_devices():
+    assert hasattr(torch.ops.mixtral_ext, "attention_prefill")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mixtral_ext::attention_prefill",
+                                                          "CompositeExplicitAutograd")
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------------
+# Oracles for long sequences are computed in query chunks: the chunk [a, a + c) of a sequence with n new tokens and
+# L keys is itself a valid call with n' = c and L' = L - n + a + c (same positions, same keys), which bounds the
+# reference's [Hq, n, L] score tensor.
+CHUNK = 1024
+
+
+def chunked(fn, q, k, v, cu, lens, scale, window):
+    out = torch.empty_like(q) if q.dtype != torch.float32 else torch.empty(q.shape, device=q.device)
+    for b in range(len(lens)):
+        n, L = cu[b + 1] - cu[b], lens[b]
+        for a in range(0, n, CHUNK):
+            c = min(CHUNK, n - a)
+            rows = slice(cu[b] + a, cu[b] + a + c)
+            out[rows] = fn(q[rows], k[b:b + 1], v[b:b + 1], [0, c], [L - n + a + c], scale, window)
+    return out
+
+
+def ref_fp32(q, k, v, cu, lens, scale, window):
+    dev = q.device
+    return reference.attention_prefill(q.float(), k.float(), v.float(), torch.tensor(cu, dtype=torch.int32,
+                                       device=dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+                                       max(cu[1] - cu[0], 1), scale, window)
+
+
+def eager_low(q, k, v, cu, lens, scale, window):
+    """The same attention math with low-precision tensors, as eager PyTorch would do it (one sequence)."""
+    n, L = cu[1], lens[0]
+    Hq, Hkv = q.shape[1], k.shape[2]
+    kb = k[0, :L].repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D] in the low dtype
+    vb = v[0, :L].repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q, kb) * scale
+    mask = visible(torch.arange(L - n, L, device=q.device), torch.arange(L, device=q.device), window)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, vb)
+
+
+def check(kernels, new_lens, prefix_lens, window=0, dtype=torch.bfloat16, Hq=32, Hkv=8, slack=0, seed=0,
+          q_scale=1.0):
+    q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, Hq, Hkv, dtype, "cuda", slack,
+                                                         seed, q_scale, stale=float("nan"))
+    scale = D ** -0.5
+    out = kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, scale, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    # The oracles must not see the NaN slots either: they read only the first L slots, as the contract says.
+    ref = chunked(ref_fp32, q, k, v, cu, lens, scale, window)
+    low = chunked(eager_low, q, k, v, cu, lens, scale, window)
+    what = f"attention_prefill {dtype} new={new_lens} prefix={prefix_lens} window={window} heads={Hq}/{Hkv}"
+    assert_2x_rule(out, ref, low, what=what)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 127, 128, 129, 1000, 4096, 16384])
+def test_lengths_no_cache(kernels, n):
+    """The no-cache full forward: k_cache is k viewed as [1, n, Hkv, D], exactly n slots."""
+    check(kernels, [n], [0], seed=n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 17, 129, 1000])
+def test_lengths_fp16(kernels, n):
+    check(kernels, [n], [0], dtype=torch.float16, seed=n + 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("new_lens", [[1, 15, 16, 17], [129, 1, 1000, 64, 3], [4096, 127, 128]])
+def test_mixed_batch(kernels, dtype, new_lens):
+    check(kernels, new_lens, [0] * len(new_lens), dtype=dtype, slack=37, seed=len(new_lens))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("new_lens,prefix_lens", [
+    ([1], [1000]), ([16, 1, 200], [5, 300, 2048]), ([129, 64], [64, 1]), ([1000, 17], [3000, 4096]),
+])
+def test_cached_prefix(kernels, new_lens, prefix_lens):
+    check(kernels, new_lens, prefix_lens, slack=100, seed=sum(prefix_lens))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window", [1, 7, 64, 100, 1000, 5000])
+def test_sliding_window(kernels, window):
+    """Windows narrower than, equal to and wider than the key tiles, with and without a cached prefix."""
+    check(kernels, [1000, 1, 129], [0, 2000, 300], window=window, slack=5, seed=window)
+
+
+@pytest.mark.cuda
+def test_other_gqa_groups(kernels):
+    """G = 1 (MHA), 2 and 8 fold differently into the 128-row tile."""
+    for Hq, Hkv in [(8, 8), (8, 4), (16, 2)]:
+        check(kernels, [100, 7], [30, 0], Hq=Hq, Hkv=Hkv, seed=Hq + Hkv)
+
+
+@pytest.mark.cuda
+def test_no_nan(kernels):
+    """Large logits (q x 30) stress the running max; a sequence with no visible key at all (seq_lens_k = 0 with one
+    new token, outside the contract) must give zeros, not NaN; NaN in unused cache slots must not leak."""
+    out = check(kernels, [300, 1], [0, 50], window=3, slack=20, q_scale=30.0)
+    assert torch.isfinite(out).all()
+    q = torch.randn(3, 32, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.full((2, 8, 8, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([0, 2], dtype=torch.int32, device="cuda")
+    k[1, :2] = torch.randn(2, 8, D, device="cuda", dtype=torch.bfloat16)
+    out = kernels.attention_prefill(q, k, k, cu, lens, 2, D ** -0.5, 0)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.cuda
+def test_determinism_and_strided_q(kernels):
+    q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs([700, 33], [100, 0], 32, 8, torch.bfloat16, "cuda", 10,
+                                                         seed=5)
+    first = kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, 0.09, 0)
+    for _ in range(3):
+        assert torch.equal(kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, 0.09, 0), first)
+    # q as a view of a fused [T, (Hq + 2 Hkv) D] projection: strided tokens, same result.
+    fused = torch.randn(q.shape[0], 48, D, device="cuda", dtype=torch.bfloat16)
+    fused[:, :32] = q
+    assert torch.equal(kernels.attention_prefill(fused[:, :32], k, v, cu_t, lens_t, max_q, 0.09, 0), first)
+
+
+@pytest.mark.cuda
+def test_graph_capture(kernels):
+    q, k, v, cu_t, lens_t, max_q, _, _ = make_inputs([200, 5], [0, 60], 32, 8, torch.bfloat16, "cuda", 0, seed=9)
+    eager = kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, D ** -0.5, 0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, D ** -0.5, 0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.cuda
+def test_opcheck_and_errors(kernels):
+    q, k, v, cu_t, lens_t, max_q, _, _ = make_inputs([20, 3], [5, 0], 32, 8, torch.bfloat16, "cuda", 4, seed=2)
+    assert kernels.has_cuda_kernel("attention_prefill")
+    torch.library.opcheck(torch.ops.mixtral_ext.attention_prefill.default, (q, k, v, cu_t, lens_t, max_q, 0.1, 0))
+    torch.library.opcheck(torch.ops.mixtral_ext.attention_prefill.default, (q, k, v, cu_t, lens_t, max_q, 0.1, 9))
+    op = torch.ops.mixtral_ext.attention_prefill
+    with pytest.raises(RuntimeError, match="only head_dim 128"):
+        op(q[..., :64], k[..., :64], v[..., :64], cu_t, lens_t, max_q, 0.1, 0)
+    with pytest.raises(RuntimeError, match="multiple of the cache's KV heads"):
+        op(q[:, :30], k, v, cu_t, lens_t, max_q, 0.1, 0)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be"):
+        op(q, k, v, cu_t.long(), lens_t, max_q, 0.1, 0)
+    with pytest.raises(RuntimeError, match="k_cache must be"):
+        op(q, k.half(), v, cu_t, lens_t, max_q, 0.1, 0)
+
+
+@pytest.mark.cuda
+def test_each_path_in_a_subprocess():
+    """The path is chosen once per process, so each forced path reruns this file's GPU tests in a child."""
+    import mixtral_ext
+
+    if os.environ.get("MIXTRAL_EXT_ATTN_PATH") or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("runs from a default-path process on a Hopper GPU")
+    assert mixtral_ext.HAS_CUDA_KERNELS, mixtral_ext.EXTENSION_STATUS
+    for path in ["sm80", "sm90"]:
+        env = dict(os.environ, MIXTRAL_EXT_ATTN_PATH=path)
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "cuda", "-p", "no:cacheprovider",
+                              "-k", "not subprocess", __file__], env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert res.returncode == 0, f"MIXTRAL_EXT_ATTN_PATH={path}:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"

@@ -1,0 +1,181 @@
+"""generate() on the CPU: greedy and penalised decoding token-identical to transformers, ragged batches equal to
+one-by-one runs, EOS per sequence, streaming, sampling (seeded, distribution, top-k/top-p against transformers'
+warpers), argument validation, and no CUDA graph off the GPU."""
+import pytest
+import torch
+
+from mixtral_ext.generate import _next_tokens, graphs_supported
+from test_model import CONFIGS, hf_checkpoint, ours
+
+transformers = pytest.importorskip("transformers")
+
+
+def _prompt(name, n, seed):
+    return torch.randint(0, CONFIGS[name]["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_generate(hf, ids, **kw):
+    with torch.no_grad():
+        return hf.generate(torch.tensor([ids]), do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("name", ["gqa3_odd", "gqa8_top3", "window"])
+def test_greedy_32_tokens_identical_to_transformers(name):
+    hf, _ = hf_checkpoint(name)
+    model = ours(name)
+    ids = _prompt(name, 9, 10)
+    ref = _hf_generate(hf, ids, max_new_tokens=32)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=32, eos_token_id=[])
+    assert out.dtype == torch.long and out.shape == (1, 9 + 32)
+    assert out.tolist() == ref.tolist()
+
+
+def test_repetition_penalty_identical_to_transformers():
+    hf, _ = hf_checkpoint("gqa3_odd")
+    ids = _prompt("gqa3_odd", 6, 11)
+    ref = _hf_generate(hf, ids, max_new_tokens=24, repetition_penalty=1.7)
+    out = ours("gqa3_odd").generate([ids], max_new_tokens=24, repetition_penalty=1.7, eos_token_id=[])
+    assert out.tolist() == ref.tolist()
+    assert out.tolist() != ours("gqa3_odd").generate([ids], max_new_tokens=24, eos_token_id=[]).tolist()
+
+
+def test_eos_stops_like_transformers():
+    """Stop on an EOS id of the generation (taken from an unconstrained run): transformers pads after it and ends
+    when the sequence has stopped; with a list of EOS ids, the first one met counts."""
+    hf, _ = hf_checkpoint("gqa3_odd")
+    model = ours("gqa3_odd")
+    ids = _prompt("gqa3_odd", 5, 12)
+    free = model.generate([ids], max_new_tokens=20, eos_token_id=[])[0, 5:].tolist()
+    eos = free[6]
+    first = free.index(eos)
+    ref = _hf_generate(hf, ids, max_new_tokens=20, eos_token_id=eos)
+    out = model.generate([ids], max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert out.tolist() == ref.tolist() and out.shape[1] == 5 + first + 1
+    out2 = model.generate([ids], max_new_tokens=20, eos_token_id=[96, eos], sync_every=3)
+    assert out2.tolist() == out.tolist()
+
+
+def test_ragged_batch_equals_one_by_one():
+    """Prompts of lengths 3, 11, 1 run together (each its own length in the cache); one of them stops on EOS early.
+    Each row equals its own run, left-padded with pad_token_id, and later rows pad after their EOS."""
+    model = ours("gqa3_odd")
+    prompts = [_prompt("gqa3_odd", n, 20 + n) for n in (3, 11, 1)]
+    singles = [model.generate([p], max_new_tokens=16, eos_token_id=[])[0].tolist() for p in prompts]
+    batch = model.generate(prompts, max_new_tokens=16, eos_token_id=[], pad_token_id=5)
+    assert batch.shape == (3, 11 + 16)
+    for b, p in enumerate(prompts):
+        assert batch[b].tolist() == [5] * (11 - len(p)) + singles[b]
+    eos = singles[0][3 + 4]  # sequence 0's 5th new token
+    stop = [s[len(p):].index(eos) if eos in s[len(p):] else 15 for s, p in zip(singles, prompts)]
+    out = model.generate(prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=5)
+    assert out.shape[1] == 11 + max(stop) + 1
+    for b, p in enumerate(prompts):
+        new = singles[b][len(p):][:stop[b] + 1]
+        assert out[b].tolist() == [5] * (11 - len(p)) + p + new + [5] * (out.shape[1] - 11 - len(new))
+
+
+def test_tensor_input_and_output_device():
+    model = ours("mha")
+    ids = torch.tensor([_prompt("mha", 4, 30), _prompt("mha", 4, 31)])
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=[])
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids) and out.device == ids.device
+    assert model.generate(ids, max_new_tokens=0).tolist() == ids.tolist()
+
+
+def test_stream_yields_each_step():
+    model = ours("gqa3_odd")
+    prompts = [_prompt("gqa3_odd", 4, 40), _prompt("gqa3_odd", 7, 41)]
+    full = model.generate(prompts, max_new_tokens=10, eos_token_id=[])
+    it = model.generate(prompts, max_new_tokens=10, eos_token_id=[], stream=True)
+    steps = []
+    while True:
+        try:
+            steps.append(next(it))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert len(steps) == 10 and all(isinstance(s, list) and len(s) == 2 for s in steps)
+    assert torch.equal(torch.tensor(steps).t(), full[:, 7:]) and torch.equal(result, full)
+    eos = steps[2][0]  # the stream ends as soon as every sequence has stopped
+    one = list(model.generate([prompts[0]], max_new_tokens=10, eos_token_id=eos, stream=True))
+    assert one == [[s[0]] for s in steps[:3]]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = ours("gqa3_odd")
+    p = [_prompt("gqa3_odd", 5, 50)]
+    kw = dict(max_new_tokens=12, do_sample=True, eos_token_id=[], temperature=1.5, top_k=0)
+    a, b, c = (model.generate(p, seed=s, **kw) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = model.generate(p, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(model.generate(p, seed=3, **{**kw, "top_k": 1}), greedy)
+    assert torch.equal(model.generate(p, seed=3, **{**kw, "top_p": 1e-6}), greedy)
+
+
+def test_sampling_follows_the_distribution():
+    """Frequencies of 40000 draws match softmax(logits / T) within a few standard errors."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5]]).repeat(40000, 1)
+    draws = _next_tokens(logits, None, True, 0.7, 0, 1.0, 1.0, g)
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    p = torch.softmax(logits[0].double() / 0.7, -1)
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / draws.numel()).sqrt() + 1e-4).all(), (freq, p)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.8), (7, 0.5), (0, 0.99), (40, 0.3)])
+def test_top_k_top_p_keep_the_same_tokens_as_transformers(top_k, top_p):
+    """The support of our sampling distribution equals what transformers' warpers leave finite (ties included)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(top_k + int(100 * top_p))
+    scores = torch.randn(4, 64, generator=g) * 3
+    scores[1, :10] = scores[1, 10]  # a tie straddling the cut
+    ref = scores.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    draws = torch.stack([_next_tokens(scores, None, True, 1.0, top_k, top_p, 1.0, g) for _ in range(3000)])
+    for b in range(4):
+        support = set(draws[:, b].tolist())
+        allowed = set(torch.nonzero(torch.isfinite(ref[b])).flatten().tolist())
+        assert support <= allowed
+        likely = {i for i in allowed if torch.softmax(ref[b], -1)[i] > 0.01}
+        assert likely <= support
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
+    (dict(max_new_tokens=150), r"max_new_tokens: a prompt of 11 tokens \+ max_new_tokens=150 exceeds the context "
+                               r"max_position_embeddings=160"),
+    (dict(input_ids=[[1, 2], [3, 97]]), r"input_ids: prompt 1 holds token id 97, outside the vocabulary \[0, 97\)"),
+    (dict(input_ids=[[1, 2], [-1]]), r"input_ids: prompt 1 holds token id -1"),
+    (dict(input_ids=[[1, 2], []]), r"input_ids: prompt 1 is empty"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), r"input_ids: prompt 0 is empty"),
+    (dict(input_ids=[]), r"input_ids: the batch is empty"),
+    (dict(input_ids=torch.zeros(1, 3)), r"input_ids must hold integer token ids, got dtype torch\.float32"),
+    (dict(top_p=0.0), r"top_p must lie in \(0, 1\], got 0\.0"),
+    (dict(top_p=1.5), r"top_p must lie in \(0, 1\], got 1\.5"),
+    (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
+    (dict(do_sample=True, temperature=0.0), r"temperature must be > 0 when do_sample=True, got 0\.0"),
+    (dict(do_sample=True, temperature=-1), r"temperature must be > 0 when do_sample=True, got -1"),
+    (dict(repetition_penalty=0), r"repetition_penalty must be > 0, got 0"),
+    (dict(eos_token_id=[2, 97]), r"eos_token_id: 97 is outside the vocabulary \[0, 97\)"),
+    (dict(pad_token_id=-3), r"pad_token_id: -3 is outside the vocabulary"),
+    (dict(use_cuda_graph=True), r"use_cuda_graph=True needs a CUDA model"),
+])
+def test_argument_errors(kwargs, message):
+    model = ours("gqa3_odd")
+    kwargs = {"input_ids": [_prompt("gqa3_odd", 11, 60)], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        model.generate(**kwargs)
+    with pytest.raises(ValueError, match=message):  # checked at the call, before the first item of a stream
+        model.generate(stream=True, **kwargs)
+
+
+def test_cpu_never_uses_cuda_graphs():
+    model = ours("mha")
+    assert not graphs_supported(model)
+    model.generate([[1, 2, 3]], max_new_tokens=3)
+    assert model._decode_states and all(s.graph is None for s in model._decode_states.values())
+    model.release_cache()
+    assert not model._decode_states

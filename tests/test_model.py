@@ -1,0 +1,134 @@
+"""The whole model on the CPU (reference ops) against transformers' MixtralForCausalLM: float32 logits, KV-cache
+consistency (every decode step equals the full forward), ragged batches.
+
+The helpers at the top (CONFIGS, hf_checkpoint, ours) are shared with test_generate.py and test_weights.py.
+"""
+import atexit
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+import mixtral_ext as mx
+from mixtral_ext.model import KVCache
+
+transformers = pytest.importorskip("transformers")
+
+# Random small configs: GQA ratios 3, 1 (plain MHA), 8; odd widths; top-1/2/3 routing; a sliding window shorter
+# than the prompts. initializer_range is large so logits are spread out and greedy choices are not near-ties.
+CONFIGS = {
+    "gqa3_odd": dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=10, num_local_experts=5, num_experts_per_tok=2),
+    "mha": dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=1),
+    "gqa8_top3": dict(vocab_size=131, hidden_size=56, intermediate_size=72, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=1, head_dim=6, num_local_experts=7, num_experts_per_tok=3),
+    "window": dict(vocab_size=80, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=12, num_local_experts=8, num_experts_per_tok=2, sliding_window=5),
+}
+_CACHE = {}
+_ROOT = tempfile.mkdtemp(prefix="mixtral_ext_test_")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+def hf_model(name, dtype=torch.float32, **overrides):
+    """transformers' model for CONFIGS[name] (seeded by the name), float32, eval mode."""
+    kw = dict(CONFIGS[name], max_position_embeddings=160, initializer_range=0.3, eos_token_id=None,
+              bos_token_id=None, attn_implementation="eager", **overrides)
+    torch.manual_seed(sum(map(ord, name)))
+    cfg = transformers.MixtralConfig(**kw)
+    return transformers.MixtralForCausalLM(cfg).to(dtype).eval()
+
+
+def hf_checkpoint(name, sharded=False):
+    """(transformers model, checkpoint dir written by its save_pretrained), cached per test session."""
+    key = (name, sharded)
+    if key not in _CACHE:
+        model = _CACHE[(name, not sharded)][0] if (name, not sharded) in _CACHE else hf_model(name)
+        path = f"{_ROOT}/{name}{'_sharded' if sharded else ''}"
+        model.save_pretrained(path, max_shard_size="16KB" if sharded else "10GB")
+        _CACHE[key] = (model, path)
+    return _CACHE[key]
+
+
+def ours(name, sharded=False):
+    return mx.Mixtral.from_pretrained(hf_checkpoint(name, sharded)[1], progress=False)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    hf, _ = hf_checkpoint(name)
+    model = ours(name)
+    ids = torch.randint(0, CONFIGS[name]["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = model(ids)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_sharded_checkpoint_gives_the_same_logits():
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    single, sharded = ours("gqa3_odd"), ours("gqa3_odd", sharded=True)
+    assert torch.equal(single(ids), sharded(ids))
+
+
+def test_tied_embeddings():
+    hf = hf_model("mha", tie_word_embeddings=True)
+    path = f"{_ROOT}/tied"
+    hf.save_pretrained(path)
+    model = mx.Mixtral.from_pretrained(path, progress=False)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert rel_err(model(ids), ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gqa3_odd", "window"])
+def test_each_decode_step_matches_the_full_forward(name):
+    """Prefill two ragged prompts, then decode: the logits of every step equal the full no-cache forward of the
+    same tokens at that position (the window config's prompts are longer than its window)."""
+    model = ours(name)
+    V = CONFIGS[name]["vocab_size"]
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 12)]
+    steps = 6
+    cache = KVCache(model.config, 2, 12 + steps, "cpu", torch.float32)
+    seqs = [list(p) for p in prompts]
+    with torch.inference_mode():
+        logits = model.prefill(prompts, cache)
+        positions = torch.tensor([7, 12], dtype=torch.int32)
+        seq_ids = torch.arange(2, dtype=torch.int32)
+        for _ in range(steps):
+            for b in range(2):
+                full = model(torch.tensor([seqs[b]]))[0, -1]
+                assert rel_err(logits[b], full) < 1e-5, f"sequence {b} at length {len(seqs[b])}"
+            nxt = logits.argmax(-1)
+            for b in range(2):
+                seqs[b].append(int(nxt[b]))
+            logits = model.decode_step(nxt, positions, seq_ids, cache)
+            positions += 1
+
+
+def test_forward_input_checks():
+    model = ours("mha")
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\]"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"vocab_size=64"):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="max_position_embeddings=160"):
+        model(torch.zeros(1, 161, dtype=torch.long))
+
+
+def test_public_api_names():
+    assert mx.Mixtral is mx.model.Mixtral
+    assert mx.MixtralConfig is mx.config.MixtralConfig
+    model = ours("mha")
+    assert isinstance(model, torch.nn.Module) and model.config.num_key_value_heads == 4
+    assert model.layers[0].moe.w13.shape == (4, 48, 32)  # [E, 2I, H]
+    assert model.layers[0].attention.wqkv.shape == ((4 + 2 * 4) * 8, 32)  # [(Hq + 2 Hkv) D, H]
