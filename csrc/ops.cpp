@@ -334,8 +334,9 @@ at::Tensor attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   int sm_count = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.device().index()) == cudaSuccess,
               op, ": cannot read the SM count of ", q.device());
+  const int64_t span = window > 0 ? std::min<int64_t>(S, window) : S;  // most slots one query can see
   int splits = mixtral::attention_decode_num_splits(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv),
-                                                    static_cast<int>(D), S, dtype, sm_count);
+                                                    static_cast<int>(D), span, dtype, sm_count);
   if (const char* forced = std::getenv("MIXTRAL_EXT_DECODE_SPLITS"); forced != nullptr && *forced != '\0')
     splits = std::max(1, std::min(std::atoi(forced), 64));
   at::Tensor ws_out, ws_lse;

@@ -329,8 +329,9 @@ def cmd_demo(args):
                   f"top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), written to a temporary checkpoint.")
         t0 = time.perf_counter()
         model, tok = _load(model_dir, args.tokenizer, device, dtype, progress=False if random_weights else None)
+        what = "with the real Mixtral tokenizer and loader" if random_weights else f"from {model_dir}"
         print(f"Loaded in {time.perf_counter() - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')}, "
-              f"{_backend(device)}) with the real Mixtral tokenizer and loader.")
+              f"{_backend(device)}) {what}.")
         if random_weights:
             print("The weights are random, so the generated text is meaningless: this shows the code path, "
                   "not the model. Pass --model DIR for a real checkpoint.")

@@ -424,14 +424,14 @@ bool attention_decode_supported(int head_dim, int q_heads, int kv_heads, DType d
 
 // Blocks of one launch all do the same amount of work (for equal lengths), so the time is set by the number of
 // waves: pick the split count whose block count fills the resident slots (SMs x blocks per SM) best, the smallest
-// such count on (near) ties, each split keeping at least kMinKeysPerSplit slots of the static length S.
-int attention_decode_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int64_t max_len, DType dtype,
+// such count on (near) ties, each split keeping at least kMinKeysPerSplit of the `span` slots a query can see.
+int attention_decode_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int64_t span, DType dtype,
                                 int sm_count) {
   const Variant v = pick(head_dim, q_heads, kv_heads, dtype);
-  if (v.fn == nullptr || batch <= 0 || max_len <= 0) return 1;
+  if (v.fn == nullptr || batch <= 0 || span <= 0) return 1;
   const int64_t capacity = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * blocks_per_sm(v);
   const int64_t units = static_cast<int64_t>(batch) * kv_heads;
-  const int64_t by_len = max_len / kMinKeysPerSplit;
+  const int64_t by_len = span / kMinKeysPerSplit;
   const int most = static_cast<int>(by_len < 1 ? 1 : (by_len < kMaxSplits ? by_len : kMaxSplits));
   int best = 1;
   double best_fill = 0.0;

@@ -27,10 +27,10 @@ struct AttentionDecodeParams {
 // Whether the kernel is instantiated for this shape/dtype: D in {16, 32, 64, 128}, Hq / Hkv in {1, 2, 4, 8}, bf16/fp16.
 bool attention_decode_supported(int head_dim, int q_heads, int kv_heads, DType dtype);
 
-// How many blocks share one (sequence, kv head): chosen on the host from the static shapes (B, Hkv, S) and the
-// device's SM count and occupancy, never from seq_lens, so a captured graph stays valid when lengths change.
-// Needs the target device to be current (for the occupancy query). Returns at least 1.
-int attention_decode_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int64_t max_len, DType dtype,
+// How many blocks share one (sequence, kv head): chosen on the host from static values only (B, Hkv, the most slots
+// one query can see = min(S, W) or S, the device's SM count and occupancy), never from seq_lens, so a captured graph
+// stays valid when lengths change. Needs the target device to be current (occupancy query). Returns at least 1.
+int attention_decode_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int64_t span, DType dtype,
                                 int sm_count);
 
 cudaError_t attention_decode_launch(const AttentionDecodeParams& p, cudaStream_t stream);
