@@ -317,8 +317,9 @@ at::Tensor attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv,
               ")");
   TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window), got ", window);
-  TORCH_CHECK(B < 65536 && Hkv < 65536 && S > 0 && S < (int64_t{1} << 31), op,
-              ": sizes out of range (B, Hkv < 65536, 0 < S < 2^31), got B = ", B, ", Hkv = ", Hkv, ", S = ", S);
+  TORCH_CHECK(B < 65536 && Hkv < 65536 && S > 0 && S * Hkv * D < (int64_t{1} << 31), op,
+              ": sizes out of range (B, Hkv < 65536, 0 < S, S * Hkv * D < 2^31), got B = ", B, ", Hkv = ", Hkv,
+              ", S = ", S);
   const DType dtype = q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
   TORCH_CHECK(mixtral::attention_decode_supported(static_cast<int>(D), static_cast<int>(Hq), static_cast<int>(Hkv),
                                                   dtype),

@@ -69,7 +69,8 @@ class MixtralConfig:
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError(f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps}, {self.rope_theta}")
+            raise ValueError(f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps}, "
+                             f"{self.rope_theta}")
         eos = self.eos_token_id
         if isinstance(eos, list):
             object.__setattr__(self, "eos_token_id", tuple(eos))

@@ -103,7 +103,8 @@ def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_
 
 def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
     """One query per sequence against its cache. q: [B, Hq, D]; caches [B, S, Hkv, D]; seq_lens: [B] int32, the
-    number of valid slots including the new token (which sits at seq_lens[b] - 1). Returns [B, Hq, D].
+    number of valid slots including the new token (which sits at seq_lens[b] - 1); 0 gives a zero row.
+    Returns [B, Hq, D].
 
     Written without host synchronisation so it can serve as the fallback inside a captured decode step.
     """
@@ -117,7 +118,8 @@ def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
     mask = k_pos[None, :] <= q_pos
     if window > 0:
         mask &= k_pos[None, :] > q_pos - window
-    p = torch.softmax(s.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+    # A sequence with seq_lens[b] == 0 sees no key: its softmax row is all NaN, and its output is defined as zeros.
+    p = torch.softmax(s.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
     return torch.einsum("bhgs,bshd->bhgd", p, v_cache.float()).reshape(B, Hq, D).to(q.dtype)
 
 

@@ -119,12 +119,13 @@ MIXTRAL = dict(Hq=32, Hkv=8, D=128)
 @pytest.mark.parametrize("B", [1, 3, 16, 64])
 @pytest.mark.parametrize("L", [1, 2, 100, 4095, 4096, 32768])
 def test_kernel_sweep(kernels, B, L):
-    """The issue's grid (bf16, Mixtral heads), ragged lengths, each with the window off and on."""
+    """The issue's grid (bf16, Mixtral heads), ragged lengths, each with the window off and (where it can matter:
+    lengths above it) on."""
     lens = ragged(B, L, seed=B * 7 + L)
     q, k, v, seq_lens = make_inputs(B, L, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device="cuda", seed=B + L)
     poison(k, v, seq_lens, 0)
     scale = 1 / math.sqrt(128)
-    for window in (0, 1000):
+    for window in ((0, 1000) if L > 1000 else (0,)):
         out = kernels.attention_decode(q, k, v, seq_lens, scale, window)
         check_against_reference(out, q, k, v, seq_lens, scale, window, f"B={B} L={L} W={window}")
 

@@ -134,7 +134,7 @@ def test_top_k_top_p_keep_the_same_tokens_as_transformers(top_k, top_p):
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    draws = torch.stack([_next_tokens(scores, None, True, 1.0, top_k, top_p, 1.0, g) for _ in range(3000)])
+    draws = _next_tokens(scores.repeat(3000, 1), None, True, 1.0, top_k, top_p, 1.0, g).view(3000, 4)
     for b in range(4):
         support = set(draws[:, b].tolist())
         allowed = set(torch.nonzero(torch.isfinite(ref[b])).flatten().tolist())

@@ -292,3 +292,19 @@ def test_graph_replay_with_new_routing(kernels, path):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, kernels.moe_experts(x2, r2, w13, w2)), f"graph replay differs ({kind})"
+
+
+@pytest.mark.cuda
+def test_decode_setting_declines(kernels, monkeypatch):
+    """MIXTRAL_EXT_MOE_PATH=decode: the launcher declines, no grouped-GEMM kernel runs, and moe_experts still gives
+    the right answer through its decode kernels (the fallback the binding takes on cudaErrorNotSupported)."""
+    monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "decode")
+    torch.manual_seed(9)
+    T, E, H, I = 300, 8, 512, 512
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    w13, w2 = make_weights(E, H, I, "cuda", seed=10)
+    route = route_of(make_logits(T, E, "random", 11), 2, "cuda")
+    names = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
+    assert not any("moe_gemm_sm" in n for n in names), sorted(names)
+    assert_2x_rule(kernels.moe_experts(x, route, w13, w2), reference_fp32(x, route, w13, w2),
+                   eager_bf16(x, route, w13, w2), "decode fallback")

@@ -252,3 +252,52 @@ def test_kernel_opcheck_and_errors(kernels):
         torch.ops.mixtral_ext.moe_route(torch.randn(4, 8, device="cuda").double(), 2)
     with pytest.raises(RuntimeError, match="2-D"):
         torch.ops.mixtral_ext.moe_route(torch.randn(2, 4, 8, device="cuda"), 2)
+
+
+# ---- static check of the build (CPU): machine code for both archs, no local memory -------------------------------
+
+def kernel_resources(name_parts):
+    """{(arch, function): resource line} from cuobjdump -res-usage for functions containing any of name_parts; skips
+    where the extension or cuobjdump is missing."""
+    import glob
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    import mixtral_ext
+
+    if not mixtral_ext.HAS_CUDA_KERNELS:
+        pytest.skip(f"CUDA extension not built: {mixtral_ext.EXTENSION_STATUS}")
+    so = glob.glob(os.path.join(os.path.dirname(mixtral_ext.__file__), "_C*.so"))[0]
+    here = os.path.join(os.path.dirname(torch.__file__), "..", "triton", "backends", "nvidia", "bin", "cuobjdump")
+    tool = next((c for c in (here, shutil.which("cuobjdump")) if c and os.path.exists(c)), None)
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    text = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    out, arch, func = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            func = m.group(1)
+        elif func and "REG:" in line:
+            if any(p in func for p in name_parts):
+                out[(arch, func)] = line.strip()
+            func = None
+    return out
+
+
+def test_static_sm90a_code_and_no_spills():
+    res = kernel_resources(["moe_route_"])
+    archs = {a for a, _ in res}
+    assert "sm_90a" in archs, f"no sm_90a code for moe_route (archs: {archs})"
+    for arch in archs:  # every arch the build holds (80 and 90a by default) has every kernel
+        names = [f for (a, f) in res if a == arch]
+        for kernel in ("moe_route_single_kernel", "moe_route_count_kernel", "moe_route_scan_kernel",
+                       "moe_route_scatter_kernel"):
+            assert any(kernel in f for f in names), f"{kernel} missing for {arch}"
+    spilled = {k: v for k, v in res.items() if "LOCAL:0" not in v}
+    assert not spilled, f"local memory (spills) in: {spilled}"

@@ -102,9 +102,10 @@ def test_loads_to_the_requested_dtype():
 
 
 def test_interleaved_rope_equals_rotate_half_after_the_permutation():
-    """Independent check of the conversion math (apply_rope works in float32, hence the tolerance): Mistral's RoPE (complex rotation of adjacent pairs) on the
+    """Independent check of the conversion math: Mistral's RoPE (complex rotation of adjacent pairs) on the
     interleaved projection equals rotate-half RoPE on the converted projection, up to the same permutation of each
-    head's dimensions for q and k, so the attention scores q.k are identical."""
+    head's dimensions for q and k, so the attention scores q.k are identical (apply_rope works in float32, hence
+    the tolerance; a wrong permutation is off by O(1))."""
     g = torch.Generator().manual_seed(0)
     heads, D, H, T = 3, 8, 20, 9
     w = torch.randn(heads * D, H, generator=g, dtype=torch.float64)
@@ -254,7 +255,8 @@ def test_model_too_large_for_the_gpu_fails_early():
 
 def test_expected_tensor_count():
     cfg = MixtralConfig.from_name("mixtral-8x7b")
-    assert len(expected_tensors(cfg, "hf")) == 3 + 32 * (2 + 4 + 1 + 8 * 3) == len(expected_tensors(cfg, "consolidated"))
+    n = 3 + 32 * (2 + 4 + 1 + 8 * 3)  # embed/norm/lm_head; per layer 2 norms, q/k/v/o, router, 8 x w1/w2/w3
+    assert len(expected_tensors(cfg, "hf")) == n == len(expected_tensors(cfg, "consolidated"))
 
 
 _RSS_SCRIPT = """

@@ -6,6 +6,8 @@ path forced through MIXTRAL_EXT_MOE_PATH), and the baselines on the same GPU and
   dense       torch.matmul of the same FLOPs ([R, H] x [H, 2I], then [R, I] x [I, H], one weight for all rows);
   hf_loop     transformers' MixtralSparseMoeBlock (router + per-expert loop), when transformers imports.
 FLOPs per call: 2 R H 2I + 2 R I H = 6 R H I with R = 2T (router and combine not counted).
+For T up to 512 the row also times moe_experts with MIXTRAL_EXT_MOE_PATH=decode (the grouped GEMM declines, the
+decode GEMV kernels run): where that column beats "ours", the decode threshold (moe_decode.h) should move up.
 """
 import os
 
@@ -58,7 +60,10 @@ def _hf_block():
     cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=TOP_K)
     with torch.device("cuda"):
         block = MixtralSparseMoeBlock(cfg).to(torch.bfloat16).eval()
-    return block  # its own random weights: values do not change the timing
+    with torch.no_grad():  # its own random weights (a real routing spread; values do not change GEMM speed)
+        for prm in block.parameters():
+            prm.normal_(0.0, 0.02)
+    return block
 
 
 def run(device, quick):
@@ -72,7 +77,7 @@ def run(device, quick):
     hopper = torch.cuda.get_device_capability()[0] == 9
     peak = device["bf16_matmul_tflops"]
     rows = []
-    for T in ([512, 4096] if quick else [512, 2048, 4096, 16384]):
+    for T in ([128, 512, 4096] if quick else [65, 128, 256, 512, 2048, 4096, 16384]):
         flops = 6 * (TOP_K * T) * H * I
 
         def make():
@@ -85,6 +90,9 @@ def run(device, quick):
         row = {"T": T, "GFLOP": flops / 1e9}
         ms = common.time_fn(lambda x, r: ops.moe_experts(x, r, w13, w2), sets, iters=20)
         row.update(ours_ms=ms, ours_tflops=tf(ms), pct_peak=100 * tf(ms) / peak)
+        if T <= 512:
+            dec = common.time_fn(_with_path("decode", lambda x, r: ops.moe_experts(x, r, w13, w2)), sets, iters=20)
+            row.update(decode_ms=dec)
         if hopper:
             ms80 = common.time_fn(_with_path("sm80", lambda x, r: ops.moe_experts(x, r, w13, w2)), sets, iters=20)
             row.update(sm80_ms=ms80, sm80_tflops=tf(ms80))
@@ -107,7 +115,8 @@ def run(device, quick):
         torch.cuda.empty_cache()
     cols = [("T", "T", None), ("GFLOP", "GFLOP", "{:.0f}"), ("ours_ms", "ours ms", "{:.3f}"),
             ("ours_tflops", "ours TFLOP/s", "{:.0f}"), ("pct_peak", "% matmul rate", "{:.0f}"),
-            ("sm80_tflops", "sm80 path TFLOP/s", "{:.0f}"), ("grouped_mm_tflops", "_grouped_mm TFLOP/s", "{:.0f}"),
+            ("decode_ms", "decode kernels ms", "{:.3f}"), ("sm80_tflops", "sm80 path TFLOP/s", "{:.0f}"),
+            ("grouped_mm_tflops", "_grouped_mm TFLOP/s", "{:.0f}"),
             ("vs_grouped_mm", "× _grouped_mm", "{:.2f}"), ("dense_tflops", "dense matmul TFLOP/s", "{:.0f}"),
             ("hf_tflops", "transformers TFLOP/s", "{:.1f}"), ("grouped_mm_error", "_grouped_mm error", None)]
     title = (f"moe_experts prefill, E={E} top-{TOP_K} H={H} I={I} bf16 (roofline: {peak} TFLOP/s measured bf16 "

@@ -31,9 +31,12 @@
 // no out-of-bounds read, whatever the lengths.
 //
 // Limits: D in {16, 32, 64, 128} (128 is Mixtral's and the tuned case; D / 16 columns per lane), G in {1, 2, 4, 8},
-// bf16/fp16, all tensors contiguous and 16-byte aligned, B <= 65535, at most kMaxSplits splits.
+// bf16/fp16, all tensors contiguous and 16-byte aligned, B <= 65535, S * Hkv * D < 2^31 (32-bit offsets within a
+// sequence), at most kMaxSplits splits.
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "attention_decode.h"
 #include "device.cuh"
@@ -50,11 +53,6 @@ constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 128;  // below this a split's fixed costs (q load, pipeline fill, merge) dominate
 constexpr int kCombineThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // 16-byte global -> shared copy; with fill == false nothing is read and the 16 bytes are zero-filled.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool fill) {
@@ -105,10 +103,19 @@ __device__ __forceinline__ void half_warp_transpose_sum(float (&v)[N], int lane)
   }
 }
 
+// N consecutive elements (N * sizeof(T) in {2, 4, 8, 16} bytes, aligned to that) as ONE load, then to fp32. Copying a
+// struct of N bf16 instead lets the compiler split it into N 2-byte loads.
 template <typename T, int N>
-__device__ __forceinline__ void to_floats(const Vec<T, N>& x, float (&f)[N]) {
+__device__ __forceinline__ void load_floats(const T* src, float (&f)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 2 || kBytes == 4 || kBytes == 8 || kBytes == 16, "load width");
+  using Word = std::conditional_t<kBytes == 16, uint4,
+               std::conditional_t<kBytes == 8, uint2, std::conditional_t<kBytes == 4, unsigned, unsigned short>>>;
+  const Word w = *reinterpret_cast<const Word*>(src);
+  T t[N];
+  memcpy(t, &w, kBytes);
 #pragma unroll
-  for (int i = 0; i < N; ++i) f[i] = to_float(x.v[i]);
+  for (int i = 0; i < N; ++i) f[i] = to_float(t[i]);
 }
 
 // A running max that is still -inf (no visible key yet) is used as 0 when subtracted (see the header).
@@ -126,11 +133,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
   constexpr int EPL = D / 16;                                // columns per lane (16 lanes per row)
   constexpr int CPR = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces per row
   constexpr int TILE = kTileKeys * D;                        // elements of one K (or V) tile
-  constexpr int PIECES = kTileKeys * CPR;                    // 16-byte pieces of one K (or V) tile
-  static_assert(PIECES % kThreads == 0 || kThreads % PIECES == 0, "tile copy must divide evenly over the block");
   static_assert(kWarps * G * (D + 2) * sizeof(float) <= pipeline_smem_bytes<T, D>(), "merge buffer must fit");
   using L = ScoreLayout<G>;
-  using Row = Vec<T, EPL>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);  // [kStages][K, V][kTileKeys][D]
@@ -148,23 +152,30 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
   const int hi = min(lo + per_split, vis_hi);
   const int ntiles = hi > lo ? (hi - lo + kTileKeys - 1) / kTileKeys : 0;
 
-  const int64_t key_stride = static_cast<int64_t>(p.kv_heads) * D;  // elements between consecutive slots
+  // Offsets within one sequence's cache rows fit in 32 bits (the binding checks S * Hkv * D < 2^31).
+  const int key_stride = p.kv_heads * D;  // elements between consecutive slots
   const int64_t head_base = (static_cast<int64_t>(b) * p.max_len * p.kv_heads + h) * D;
   const T* kg = static_cast<const T*>(p.k_cache) + head_base;
   const T* vg = static_cast<const T*>(p.v_cache) + head_base;
 
+  // Tile copy: thread tid always copies column piece tid % CPR of keys tid / CPR + i * KEYS_PER_PASS, so only the
+  // tile's first key moves. Keys past the split end copy nothing (zero-fill) and point at slot 0, a valid address.
+  constexpr int KEYS_PER_PASS = kThreads / CPR;
+  constexpr int PASSES = KEYS_PER_PASS >= kTileKeys ? 1 : kTileKeys / KEYS_PER_PASS;
+  static_assert(kThreads % CPR == 0 && (KEYS_PER_PASS >= kTileKeys || kTileKeys % KEYS_PER_PASS == 0), "tile copy");
+  const int my_key = tid / CPR;
+  const int my_col = (tid % CPR) * (16 / static_cast<int>(sizeof(T)));
   auto load_tile = [&](int tile, int stage) {
-    const int first = lo + tile * kTileKeys;
-    T* dst = smem + stage * 2 * TILE;
+    const int first = lo + tile * kTileKeys + my_key;
+    T* dst = smem + stage * (2 * TILE) + my_key * D + my_col;
 #pragma unroll
-    for (int i = 0; i < (PIECES + kThreads - 1) / kThreads; ++i) {
-      const int piece = i * kThreads + tid;
-      if (PIECES < kThreads && piece >= PIECES) break;  // small D: fewer pieces than threads
-      const int key = piece / CPR, col = (piece % CPR) * (16 / static_cast<int>(sizeof(T)));
-      const bool ok = first + key < hi;
-      const int64_t off = static_cast<int64_t>(ok ? first + key : 0) * key_stride + col;  // slot 0: a valid address
-      cp_async_16(dst + key * D + col, kg + off, ok);
-      cp_async_16(dst + TILE + key * D + col, vg + off, ok);
+    for (int i = 0; i < PASSES; ++i) {
+      if (KEYS_PER_PASS > kTileKeys && my_key >= kTileKeys) break;  // small D: more threads than pieces
+      const int key = first + i * KEYS_PER_PASS;
+      const bool ok = key < hi;
+      const int off = (ok ? key : 0) * key_stride + my_col;
+      cp_async_16(dst + i * KEYS_PER_PASS * D, kg + off, ok);
+      cp_async_16(dst + TILE + i * KEYS_PER_PASS * D, vg + off, ok);
     }
   };
 
@@ -175,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
     const T* qp = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.q_heads + h * G) * D + l16 * EPL;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      to_floats(*reinterpret_cast<const Row*>(qp + g * D), qv[g]);
+      load_floats(qp + g * D, qv[g]);
 #pragma unroll
       for (int e = 0; e < EPL; ++e) qv[g][e] *= qscale;
     }
@@ -201,20 +212,23 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
   }
 
   const int key0 = warp * 2 * kKeysPerHalf + hw * kKeysPerHalf;  // this half-warp's first key in a tile
+  int read_stage = 0, write_stage = kStages - 1;
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<kStages - 2>();  // this thread's pieces of tile t have landed
     __syncthreads();               // everyone's have; and everyone finished tile t - 1, whose stage is reused now
-    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages);
+    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1, write_stage);
     cp_async_commit();
+    write_stage = write_stage + 1 == kStages ? 0 : write_stage + 1;
 
-    const T* sk = smem + (t % kStages) * 2 * TILE;
+    const T* sk = smem + read_stage * (2 * TILE);
     const T* sv = sk + TILE;
+    read_stage = read_stage + 1 == kStages ? 0 : read_stage + 1;
 
     float s[L::N];
 #pragma unroll
     for (int kk = 0; kk < kKeysPerHalf; ++kk) {
       float kf[EPL];
-      to_floats(*reinterpret_cast<const Row*>(sk + (key0 + kk) * D + l16 * EPL), kf);
+      load_floats(sk + (key0 + kk) * D + l16 * EPL, kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float a = 0.f;
@@ -240,21 +254,31 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
       m_own[i] = fmaxf(m_own[i], mx);
       pown[i] = exp2f(s[i] - finite_or_zero(m_own[i]));
     }
+    // New running max of every head; m_run is warp-uniform, so is the branch: the rescale (alpha = 1 otherwise) is
+    // skipped on the tiles that raise no head's max, most of them once the max has settled.
+    float m_new[G];
+    bool grew = false;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float tm = __shfl_sync(0xffffffffu, tmax[L::slot(g)], L::owner(g));  // key 0's lane holds head g
-      const float m_new = fmaxf(m_run[g], tm);
-      const float alpha = exp2f(m_run[g] - finite_or_zero(m_new));
-      m_run[g] = m_new;
-      l_run[g] *= alpha;
+      m_new[g] = fmaxf(m_run[g], tm);
+      grew |= m_new[g] != m_run[g];
+    }
+    if (grew) {
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[g][e] *= alpha;
+      for (int g = 0; g < G; ++g) {
+        const float alpha = exp2f(m_run[g] - finite_or_zero(m_new[g]));
+        m_run[g] = m_new[g];
+        l_run[g] *= alpha;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[g][e] *= alpha;
+      }
     }
 
 #pragma unroll
     for (int kk = 0; kk < kKeysPerHalf; ++kk) {
       float vf[EPL];
-      to_floats(*reinterpret_cast<const Row*>(sv + (key0 + kk) * D + l16 * EPL), vf);
+      load_floats(sv + (key0 + kk) * D + l16 * EPL, vf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float pv = __shfl_sync(0xffffffffu, pown[L::slot(kk * G + g)], L::owner(kk * G + g), 16);
@@ -451,7 +475,8 @@ cudaError_t attention_decode_launch(const AttentionDecodeParams& p, cudaStream_t
   if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   const Variant v = pick(p.head_dim, p.q_heads, p.kv_heads, p.dtype);
   if (v.fn == nullptr) return cudaErrorNotSupported;
-  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.max_len <= 0 || p.max_len > 0x7fffffff ||
+  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.max_len <= 0 ||
+      p.max_len * p.kv_heads * p.head_dim > 0x7fffffff ||
       p.window < 0 || (p.num_splits > 1 && (p.ws_out == nullptr || p.ws_lse == nullptr)))
     return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.q) | reinterpret_cast<uintptr_t>(p.k_cache) |

@@ -9,13 +9,15 @@
 //     barrier (the consumers' release of tile it - 3), issue, commit; then wait for the previous tile's group,
 //     fence.proxy.async (the copies are generic-proxy writes that wgmma reads through the async proxy) and arrive
 //     on that tile's "full" barrier (128 arrivals). Tile it is in flight while tile it - 1 is announced.
-//   warpgroups 1 and 2, consumers (setmaxnreg.inc to 232): rows 64c .. 64c+63 each. Per tile: wait "full";
-//     S = Q K^T by 8 wgmma.m64n128k16 (A = Q and B = K from shared memory, both K-major); the online softmax of the
-//     sm_80 path on S's registers; P re-packed in registers as the A operand; O += P V by 2 x 8
-//     wgmma.m64n64k16 (A = P from registers, B = V from shared memory, N-major: imm-trans-b = 1), left running:
-//     the next tile's S = Q K^T is issued behind it and one wait_group retires both, after which the stage of
-//     the previous tile is released ("empty", 256 arrivals). The two consumer warpgroups run independently, so
-//     one's softmax overlaps the other's matmuls on the tensor cores.
+//   warpgroups 1 and 2, consumers (setmaxnreg.inc to 232): rows 64c .. 64c+63 each. Per tile it: wait "full";
+//     on this warpgroup's turn (below) issue the previous tile's O += P V (2 x 8 wgmma.m64n64k16: A = P from
+//     registers, B = V from shared memory, N-major: imm-trans-b = 1) and then S = Q K^T (8 wgmma.m64n128k16: A = Q
+//     and B = K from shared memory, both K-major); hand the turn over; one wait_group retires both; release the
+//     previous tile's stage ("empty", 256 arrivals); mask and online softmax on S's registers (as in the sm_80
+//     path); re-pack P in registers as the next A operand. The last tile's P V follows the loop.
+//     Turns (FA3-style ping-pong, two named barriers): the warpgroups alternate issuing their matmuls, so one
+//     warpgroup's softmax runs while the other's matmuls occupy the tensor cores, and within a warpgroup the
+//     P V of tile it - 1 and the S of tile it run back to back.
 //
 // wgmma facts used (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 //   Accumulator D of m64nNk16 (f32): warp w of the warpgroup holds rows 16w .. 16w+15; with g = lane / 4,
@@ -285,6 +287,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     // ---------------- consumers ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     using W = Wgmma<T>;
+    // O (+)= P V for one tile: 8 k-steps of 16 keys, each as two N = 64 halves of the head dim.
+    auto pv_issue = [](float (&o)[2][32], const uint32_t (&pa)[kBN / 16][4], uint32_t sv) {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        W::rs(o[0], pa[kk], desc_nmajor(sv + kk * 2048));
+        W::rs(o[1], pa[kk], desc_nmajor(sv + kHalfBytes + kk * 2048));
+      }
+    };
     const int cw = wg - 1;                       // consumer warpgroup: rows 64 cw .. 64 cw + 63
     const int ct = threadIdx.x - 128 * wg;       // thread within the warpgroup
     const int warp = ct >> 5, lane = ct & 31;
@@ -308,20 +318,31 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     uint32_t pa[kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+    // Ping-pong between the consumer warpgroups (named barriers 3 and 4, 256 threads: one warpgroup syncs, the
+    // other arrives): warpgroup c issues its matmuls only on its turn, then hands the turn over, so one
+    // warpgroup's softmax runs while the other's matmuls occupy the tensor cores. Warpgroup 1 hands warpgroup 0
+    // the first turn and skips its hand-over after its last tile, so every arrival meets exactly one sync.
+    const uint32_t my_turn = 3 + cw, their_turn = 4 - cw;
+    if (cw == 1 && bg.n_tiles > 0) asm volatile("bar.arrive %0, 256;\n" ::"r"(their_turn) : "memory");
     for (int it = 0; it < bg.n_tiles; ++it) {
       const int st = it % kStages;
       mbar_wait(full_bar + 8 * st, (it / kStages) & 1);
-      const uint32_t sk = s_k + st * kTileBytes, sv = s_v + st * kTileBytes;
+      const uint32_t sk = s_k + st * kTileBytes;
 
-      // S = Q K^T over the head dim in 8 k-steps of 16, issued while the previous tile's P V may still run on
-      // the tensor cores (it touches only O and P's registers); one wait then retires both.
+      // On this warpgroup's turn: the previous tile's O += P V (see below), then S = Q K^T over the head dim in
+      // 8 k-steps of 16; one wait retires both. At it = 0 there is no previous tile: P is still all zeros and V
+      // is taken from the current (landed, finite) stage, so O stays 0; issuing it anyway keeps every wgmma on a
+      // non-divergent path (ptxas serialises wgmma under a branch).
+      asm volatile("bar.sync %0, 256;\n" ::"r"(my_turn) : "memory");
       wg_fence();
+      pv_issue(o, pa, s_v + ((it > 0 ? it - 1 : it) % kStages) * kTileBytes);
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t koff = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
         W::ss(s, desc_kmajor(s_q + 64 * cw * 128 + koff), desc_kmajor(sk + koff), kk > 0);
       }
       wg_commit();
+      if (!(cw == 1 && it == bg.n_tiles - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(their_turn) : "memory");
       wg_wait0();
       keep_regs(s);
       keep_regs(o[0]);
@@ -374,8 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         }
       }
 
-      // O += P V: P for keys 16kk .. 16kk+15 is S registers 8kk .. 8kk+7, re-packed as the A fragment. Issued
-      // without waiting: the next tile's S = Q K^T queues behind it.
+      // P for keys 16kk .. 16kk+15 is S registers 8kk .. 8kk+7, re-packed as the A fragment; O += P V is issued
+      // with the next tile's S (or after the loop).
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
         pa[kk][0] = W::pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -383,14 +404,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         pa[kk][2] = W::pack(s[8 * kk + 4], s[8 * kk + 5]);
         pa[kk][3] = W::pack(s[8 * kk + 6], s[8 * kk + 7]);
       }
-      wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        W::rs(o[0], pa[kk], desc_nmajor(sv + kk * 2048));
-        W::rs(o[1], pa[kk], desc_nmajor(sv + kHalfBytes + kk * 2048));
-      }
-      wg_commit();
     }
+    // The last tile's P V (unconditional for the same reason; with no tile at all O is never read).
+    wg_fence();
+    pv_issue(o, pa, s_v + ((bg.n_tiles + kStages - 1) % kStages) * kTileBytes);
+    wg_commit();
     wg_wait0();
     keep_regs(o[0]);
     keep_regs(o[1]);

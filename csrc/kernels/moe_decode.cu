@@ -12,9 +12,10 @@
 // host never synchronises. Block: 8 warps; a warp owns 4 consecutive weight rows (two gate/up units in GEMV1) and
 // k_split warps split the K dimension of the same rows (chosen on the host from K so that the grid has many blocks
 // per expert: the long K of GEMV2 is split 4 ways for Mixtral). Lanes stride over K in 16-byte vectors (8 elements),
-// weights loaded with ld.global.nc.L1::no_allocate (streamed once: keep L1 for the activations), several vectors
-// per thread in flight (UNR x rows), fp32 FMA. All rows (tokens) of the expert in the current chunk are computed
-// from the same weight registers; the activation vectors come through L1 (__ldg), they are shared by every warp.
+// weights loaded with ld.global.nc.L1::no_allocate (streamed once: keep L1 for the activations), UNR x rows
+// vectors per thread in flight (all issued before any is used: the K loop body has no branch), fp32 FMA. All rows
+// (tokens) of the expert in the current chunk are computed from the same weight registers; the activation vectors
+// come through L1 (__ldg), shared by every warp of the block.
 // A chunk holds up to RMAX rows; RMAX is chosen on the host from T (an expert has at most T rows) and the block
 // dispatches on the actual count (1, 2, 4, 8 or 16 accumulator columns, compile-time), so T = 1 never pays for
 // unused rows. Experts with more rows than RMAX loop over chunks, re-streaming their weights: correct for any T,
@@ -109,7 +110,7 @@ template <typename T, Epilogue EPI, int ROWS>
 __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __restrict__ w, int64_t n0,
                                            bool store, int cs, int nr, float (*s_part)[32]) {
   // Register budget (<= 128 for two blocks per SM): RW x ROWS accumulators, UNR x RW weight vectors in flight,
-  // ROWS activation pointers. Few rows (the decode case): 4 rows x 4 vectors in flight; more rows: fewer.
+  // ROWS activation offsets. Few rows (the decode case): 4 rows x 4 vectors in flight; more rows: fewer.
   constexpr int RW = ROWS <= 4 ? 4 : 2;       // weight rows per sub-pass
   constexpr int UNR = ROWS <= 2 ? 4 : (ROWS <= 8 ? 2 : 1);  // vectors per weight row in flight per thread
   static_assert(kRowsPerWarp % RW == 0 && RW % 2 == 0 && RW * ROWS <= 32, "sub-pass shape");
@@ -119,8 +120,8 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
   const int64_t nvec = p.k / kVec;
   const int64_t step = 32 * static_cast<int64_t>(ks);
 
-  // Activation rows as 32-bit vector offsets from one base (half the registers of pointers; the launcher checks
-  // that every offset fits).
+  // Activation rows as 32-bit vector offsets from one base (half the registers of pointers; the binding checks
+  // that R * max(H, I) / 8 fits in 32 bits).
   const uint4* abase = static_cast<const uint4*>(p.a);
   unsigned aoff[ROWS];
 #pragma unroll

@@ -11,8 +11,9 @@
 //     gathers x into expert order inside out_rows (TMA cannot gather rows), which GEMM2 then overwrites.
 // Path choice: MIXTRAL_EXT_MOE_PATH = auto (default: sm90 on a compute-capability-9 device whose loaded image has
 // the sm_90a kernel, else sm80), sm80 (force the mma.sync path, e.g. to compare both on Hopper), sm90 (force the
-// Hopper path; cudaErrorNotSupported where it cannot run). Read at every call (a getenv, negligible next to the
-// GEMMs), so a test can switch paths within one process.
+// Hopper path; cudaErrorNotSupported where it cannot run), decode (always cudaErrorNotSupported, so moe_experts
+// runs its decode kernels at any T: for measuring the decode/prefill threshold). Read at every call (a getenv,
+// negligible next to the GEMMs), so a test or benchmark can switch paths within one process.
 // Limits (else cudaErrorNotSupported, before anything is launched): bf16; H and I multiples of 8; 1 <= E <= 256;
 // R, E*2I and E*H below 2^31; all pointers 16-byte aligned; compute capability >= 8.0.
 // Numerics: fp32 accumulation; inter rounded to bf16 (as the eager bf16 composite would); out_rows fp32.
@@ -26,13 +27,14 @@ namespace mixtral {
 
 namespace {
 
-enum class Path { kAuto, kSm80, kSm90 };
+enum class Path { kAuto, kSm80, kSm90, kDecode };
 
 Path requested_path() {
   const char* v = std::getenv("MIXTRAL_EXT_MOE_PATH");
   if (v == nullptr) return Path::kAuto;
   if (std::strcmp(v, "sm80") == 0) return Path::kSm80;
   if (std::strcmp(v, "sm90") == 0) return Path::kSm90;
+  if (std::strcmp(v, "decode") == 0) return Path::kDecode;
   return Path::kAuto;
 }
 
@@ -54,6 +56,7 @@ cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t 
   if (p.sm_major < 8 || p.sm_count < 1) return cudaErrorNotSupported;
 
   const Path path = requested_path();
+  if (path == Path::kDecode) return cudaErrorNotSupported;
   if (path != Path::kSm80 && p.sm_major == 9 && moe_gemm::sm90_available()) {
     const cudaError_t err = moe_gemm::sm90_run(p, stream);
     // NotSupported comes back only before any launch (no tensor-map encoder, too little shared memory).

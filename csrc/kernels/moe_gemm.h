@@ -12,7 +12,8 @@ struct MoeGroupedGemmParams {
   const void* w13;             // [E, 2I, H] bf16, w1/w3 interleaved by row (2i: gate, 2i+1: up)
   const void* w2;              // [E, H, I] bf16
   void* inter;                 // [R, I] bf16 workspace: silu(gate) * up
-  float* out_rows;             // [R, H] fp32: w2[e] @ inter[r], not yet weighted (the combine does that)
+  float* out_rows;             // [R, H] fp32: w2[e] @ inter[r], not yet weighted (the combine does that); the sm90
+                               // path also uses it as scratch for the expert-ordered copy of x before GEMM2 writes it
   int64_t tokens;              // T
   int top_k;                   // k
   int experts;                 // E
@@ -26,7 +27,8 @@ struct MoeGroupedGemmParams {
 
 // Both GEMMs (two launches; three on the Hopper path, which first gathers x into expert order, see moe_gemm.cu).
 // Returns cudaErrorNotSupported for shapes/dtypes/devices it cannot handle (the caller then uses another path).
-// MIXTRAL_EXT_MOE_PATH=sm80|sm90|auto (read on every call; default auto) forces one code path for tests.
+// MIXTRAL_EXT_MOE_PATH=auto|sm80|sm90|decode (read on every call; default auto) forces one code path for tests and
+// benchmarks; decode makes this launcher decline, so the caller's decode kernels run (threshold measurements).
 cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t stream);
 
 }  // namespace mixtral

@@ -11,6 +11,7 @@
 // routing skew, without a device-side counter that would need zeroing before each launch.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "device.cuh"
@@ -26,11 +27,12 @@ constexpr int kMaxExperts = 256;
 constexpr int kStaticSmemBound = 4096;
 
 // One GEMM of the pair, as the kernels see it: C[r, n] = sum_k A[row(r), k] * B[e][n, k], r in expert e's rows.
+// A, B and inter hold 16-bit floats of the kernel's element type T (bf16 or fp16).
 struct GemmArgs {
-  const __nv_bfloat16* a;    // GEMM1: x [T, K=H] (rows gathered); GEMM2: inter [R, K=I]
+  const void* a;             // GEMM1: x [T, K=H] (rows gathered); GEMM2: inter [R, K=I]
   const int* gather;         // GEMM1 on sm80: sorted_tokens [R] (A row of sorted row r); nullptr: A row = r
-  const __nv_bfloat16* b;    // [E, N, K]: GEMM1 w13 (N = 2I), GEMM2 w2 (N = H)
-  void* out;                 // GEMM1: inter [R, N/2] bf16; GEMM2: out_rows [R, N] fp32
+  const void* b;             // [E, N, K]: GEMM1 w13 (N = 2I), GEMM2 w2 (N = H)
+  void* out;                 // GEMM1: inter [R, N/2] T; GEMM2: out_rows [R, N] fp32
   const int* offsets;        // [E + 1] expert_offsets (device)
   int experts;               // E
   int k;                     // K (multiple of 8)
@@ -75,6 +77,17 @@ __device__ __forceinline__ Tile decode_tile(int tile, int& e, int bm, int bn, co
   return t;
 }
 
+// Two adjacent elements of type T, rounded to nearest even from fp32, as one 4-byte store.
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <> struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
 __device__ __forceinline__ float silu_mul(float gate, float up) {
   // silu(g) = g / (1 + exp(-g)); for g -> -inf, exp overflows to inf and the quotient is -0, never NaN.
   return gate / (1.f + __expf(-gate)) * up;
@@ -84,27 +97,28 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
 // rows, nb a multiple of 16). In both mma.sync's C fragment and wgmma's D fragment, the thread with
 // threadID_in_group t holds columns 2t and 2t+1 of each 8-column block: an even (gate) and the odd (up) column of
 // the same unit, so silu(gate)*up is register-local and gives inter column nb/2 + t (block 0) and nb/2 + 4 + t
-// (block 1). Lanes t and t^1 then swap one value so each stores two adjacent bf16 (4-byte stores): even t writes
+// (block 1). Lanes t and t^1 then swap one value so each stores two adjacent elements (4 bytes): even t writes
 // columns (nb/2 + t, +1) of block 0, odd t writes (nb/2 + 4 + t - 1, +1) of block 1. All 32 lanes must call
 // (shuffle); `valid` only predicates the store. out_row points at inter[r, 0].
-__device__ __forceinline__ void store_swiglu_pair(__nv_bfloat16* out_row, int nb, float g0, float u0, float g1,
-                                                  float u1, bool valid) {
+template <typename T>
+__device__ __forceinline__ void store_swiglu_pair(T* out_row, int nb, float g0, float u0, float g1, float u1,
+                                                  bool valid) {
   const int t = threadIdx.x & 3;
   const float v0 = silu_mul(g0, u0);
   const float v1 = silu_mul(g1, u1);
   const float send = (t & 1) ? v0 : v1;
   const float recv = __shfl_xor_sync(0xffffffffu, send, 1);
   if (!valid) return;
-  __nv_bfloat162 pair;
+  typename Pair<T>::type pair;
   int col;
   if (t & 1) {
-    pair = __floats2bfloat162_rn(recv, v1);
+    pair = Pair<T>::make(recv, v1);
     col = nb / 2 + 4 + t - 1;
   } else {
-    pair = __floats2bfloat162_rn(v0, recv);
+    pair = Pair<T>::make(v0, recv);
     col = nb / 2 + t;
   }
-  *reinterpret_cast<__nv_bfloat162*>(out_row + col) = pair;
+  *reinterpret_cast<typename Pair<T>::type*>(out_row + col) = pair;
 }
 
 // GEMM2 epilogue: columns n, n+1 (n even) of one fp32 output row; N is a multiple of 8, so 8-byte aligned.

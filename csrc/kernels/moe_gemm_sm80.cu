@@ -1,4 +1,4 @@
-// Grouped expert GEMM, sm_80 path: mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async multistage pipeline. Runs
+// Grouped expert GEMM, sm_80 path: mma.sync m16n8k16 bf16/fp16 -> fp32, ldmatrix, cp.async multistage pipeline. Runs
 // on A100-class GPUs and (from the sm_90a cubin) on Hopper when the sm90 path is unavailable or not chosen.
 //
 // Algorithm: persistent blocks walk the tile list of moe_gemm_common.cuh. Per tile (BM x 128 outputs), K is walked in
@@ -7,13 +7,13 @@
 // because cp.async takes one address per 16-byte chunk anyway), B rows are the expert's weight rows. 8 warps in a
 // 2 (M) x 4 (N) grid, each warp owns (BM/2) x 32 outputs = (BM/32) x 4 mma tiles of 16x8, fp32 accumulators.
 //
-// Shared-memory layout: a tile is rows of 64 bf16 = 128 bytes = 8 chunks of 16 bytes; chunk c of row r is stored
-// at chunk position c ^ (r & 7) (XOR swizzle). ldmatrix reads 8 rows (r..r+7, r a multiple of 8) at one logical
+// Shared-memory layout: a tile is rows of 64 16-bit elements = 128 bytes = 8 chunks of 16 bytes; chunk c of row r is
+// stored at chunk position c ^ (r & 7) (XOR swizzle). ldmatrix reads 8 rows (r..r+7, r a multiple of 8) at one logical
 // chunk: the physical chunks c ^ 0..7 are all different, so the 8 row reads hit all 32 banks once, conflict-free.
 //
-// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16; g = lane / 4 "groupID", t = lane % 4 "threadID_in_group"):
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16 / .f16 alike; g = lane / 4 "groupID", t = lane % 4 "threadID_in_group"):
 //   A (16x16, row-major): a[0] = (row g,   k 2t..2t+1), a[1] = (row g+8, k 2t..2t+1),
-//                         a[2] = (row g,   k 2t+8..+9), a[3] = (row g+8, k 2t+8..+9)   (2 bf16 per register)
+//                         a[2] = (row g,   k 2t+8..+9), a[3] = (row g+8, k 2t+8..+9)   (2 elements per register)
 //   B (16x8, "col"):      b[0] = (k 2t..2t+1, col g),   b[1] = (k 2t+8..+9, col g)
 //   C/D (16x8 fp32):      c[0], c[1] = (row g, cols 2t, 2t+1),  c[2], c[3] = (row g+8, cols 2t, 2t+1)
 // ldmatrix.x4 (no .trans): lanes 8i..8i+7 give the row addresses of 8x8 matrix i (16 bytes per row); register i
@@ -26,10 +26,12 @@
 //
 // Limits: K and N multiples of 8 (16-byte chunks are whole; GEMM1's N = 2I a multiple of 16), rows arbitrary. Rows
 // past the expert's end and k past K are zero-filled by cp.async (src-size 0), columns past N are loaded as zeros
-// and not stored. Numerics: fp32 accumulation in k order per 16-wide step; GEMM1 rounds silu(gate)*up to bf16.
+// and not stored. Numerics: fp32 accumulation in k order per 16-wide step; GEMM1 rounds silu(gate)*up to the element
+// type (bf16 or fp16, a template parameter: the kernels are byte-movers except for the mma and the final rounding).
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "moe_gemm_common.cuh"
 
@@ -39,7 +41,7 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kBN = 128;
-constexpr int kBK = 64;        // 64 bf16 = 128-byte rows
+constexpr int kBK = 64;        // 64 16-bit elements = 128-byte rows
 constexpr int kRowBytes = kBK * 2;
 
 template <int BM, int STAGES>
@@ -69,22 +71,33 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");  // reads what cp.async wrote: keep it after the wait + barrier
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 }
 
 // Byte offset of logical 16-byte chunk c of row r in a swizzled 128-byte-row tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
 
-// SWIGLU: GEMM1 (gathered A rows, silu(gate)*up epilogue, bf16 out [R, N/2]); else GEMM2 (fp32 out [R, N]).
-template <int BM, int STAGES, bool SWIGLU>
+// SWIGLU: GEMM1 (gathered A rows, silu(gate)*up epilogue, T out [R, N/2]); else GEMM2 (fp32 out [R, N]).
+template <typename T, int BM, int STAGES, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
   constexpr int kWarpM = BM / 2;          // rows per warp
   constexpr int kMFrag = kWarpM / 16;     // 16-row mma tiles per warp
@@ -104,6 +117,8 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
   build_schedule(g, BM, ntiles, s_off, s_tiles);
   const int total = s_tiles[g.experts];
 
+  const T* A = static_cast<const T*>(g.a);
+  const T* B = static_cast<const T*>(g.b);
   const uint32_t sA = smem_u32(smem);
   const uint32_t sB = sA + STAGES * kStageA;
   const int tid = threadIdx.x;
@@ -119,19 +134,19 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
   int e = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile(tile, e, BM, kBN, s_off, s_tiles);
-    const __nv_bfloat16* b_exp = g.b + static_cast<int64_t>(tl.e) * g.n * g.k;
+    const T* b_exp = B + static_cast<int64_t>(tl.e) * g.n * g.k;
 
     // Source rows of this thread's chunks (resolved once per tile; invalid rows read nothing and fill zeros).
-    const __nv_bfloat16* a_src[kARowsPerThread];
+    const T* a_src[kARowsPerThread];
     bool a_ok[kARowsPerThread];
 #pragma unroll
     for (int i = 0; i < kARowsPerThread; ++i) {
       const int r = tl.m0 + ld_r + 32 * i;
       a_ok[i] = r < tl.m_end;
       const int src_row = a_ok[i] ? (g.gather ? __ldg(g.gather + r) : r) : 0;
-      a_src[i] = g.a + static_cast<int64_t>(src_row) * g.k;
+      a_src[i] = A + static_cast<int64_t>(src_row) * g.k;
     }
-    const __nv_bfloat16* b_src[kBRowsPerThread];
+    const T* b_src[kBRowsPerThread];
     bool b_ok[kBRowsPerThread];
 #pragma unroll
     for (int i = 0; i < kBRowsPerThread; ++i) {
@@ -150,12 +165,12 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 #pragma unroll
       for (int i = 0; i < kARowsPerThread; ++i) {
         const bool ok = a_ok[i] && k_ok;
-        cp_async_16(a_dst + swz(ld_r + 32 * i, ld_c), ok ? a_src[i] + kcol : g.a, ok ? 16 : 0);
+        cp_async_16(a_dst + swz(ld_r + 32 * i, ld_c), ok ? a_src[i] + kcol : A, ok ? 16 : 0);
       }
 #pragma unroll
       for (int i = 0; i < kBRowsPerThread; ++i) {
         const bool ok = b_ok[i] && k_ok;
-        cp_async_16(b_dst + swz(ld_r + 32 * i, ld_c), ok ? b_src[i] + kcol : g.b, ok ? 16 : 0);
+        cp_async_16(b_dst + swz(ld_r + 32 * i, ld_c), ok ? b_src[i] + kcol : B, ok ? 16 : 0);
       }
     };
 
@@ -207,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 #pragma unroll
         for (int i = 0; i < kMFrag; ++i)
 #pragma unroll
-          for (int j = 0; j < kNFrag; ++j) mma_bf16_16816(acc[i][j], af[i], bf[j]);
+          for (int j = 0; j < kNFrag; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
       }
     }
     // Drain the (empty) trailing groups and make sure no warp still reads the ring before the next tile's
@@ -225,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
         const int r = tl.m0 + wm * kWarpM + i * 16 + grp + 8 * h;
         const bool row_ok = r < tl.m_end;
         if constexpr (SWIGLU) {
-          __nv_bfloat16* out_row = static_cast<__nv_bfloat16*>(g.out) + static_cast<int64_t>(r) * (g.n / 2);
+          T* out_row = static_cast<T*>(g.out) + static_cast<int64_t>(r) * (g.n / 2);
 #pragma unroll
           for (int j = 0; j < kNFrag; j += 2) {
             const int nb = tl.n0 + wn * 32 + j * 8;  // multiple of 16; N too, so both blocks are in or out
@@ -245,9 +260,9 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
   }
 }
 
-template <int BM, int STAGES, bool SWIGLU>
+template <typename T, int BM, int STAGES, bool SWIGLU>
 cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm80_kernel<BM, STAGES, SWIGLU>;
+  auto kernel = moe_gemm_sm80_kernel<T, BM, STAGES, SWIGLU>;
   constexpr int smem = sm80_smem_bytes<BM, STAGES>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -263,7 +278,7 @@ cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream
   return cudaGetLastError();
 }
 
-template <bool SWIGLU>
+template <typename T, bool SWIGLU>
 cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmParams& p, cudaStream_t stream) {
   // BM = 64 when experts are small (a 128-row tile would be mostly padding) or when 128-row tiles would leave
   // SMs idle; 128 otherwise (twice the reuse of each B fragment). Stages: 4 when the device's shared memory
@@ -271,13 +286,13 @@ cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmPar
   const int64_t ntiles = (g.n + kBN - 1) / kBN;
   const bool small = rows / g.experts < 96 || (rows / 128) * ntiles < 2LL * p.sm_count;
   if (small) {
-    if (fits<64, 4>(p)) return launch_one<64, 4, SWIGLU>(g, rows, p.sm_count, stream);
-    if (fits<64, 3>(p)) return launch_one<64, 3, SWIGLU>(g, rows, p.sm_count, stream);
+    if (fits<64, 4>(p)) return launch_one<T, 64, 4, SWIGLU>(g, rows, p.sm_count, stream);
+    if (fits<64, 3>(p)) return launch_one<T, 64, 3, SWIGLU>(g, rows, p.sm_count, stream);
     return cudaErrorNotSupported;
   }
-  if (fits<128, 4>(p)) return launch_one<128, 4, SWIGLU>(g, rows, p.sm_count, stream);
-  if (fits<128, 3>(p)) return launch_one<128, 3, SWIGLU>(g, rows, p.sm_count, stream);
-  if (fits<64, 3>(p)) return launch_one<64, 3, SWIGLU>(g, rows, p.sm_count, stream);
+  if (fits<128, 4>(p)) return launch_one<T, 128, 4, SWIGLU>(g, rows, p.sm_count, stream);
+  if (fits<128, 3>(p)) return launch_one<T, 128, 3, SWIGLU>(g, rows, p.sm_count, stream);
+  if (fits<64, 3>(p)) return launch_one<T, 64, 3, SWIGLU>(g, rows, p.sm_count, stream);
   return cudaErrorNotSupported;
 }
 
@@ -285,38 +300,47 @@ cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmPar
 
 bool sm80_available() {
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, moe_gemm_sm80_kernel<128, 4, true>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, moe_gemm_sm80_kernel<__nv_bfloat16, 128, 4, true>) != cudaSuccess) {
     (void)cudaGetLastError();  // "no kernel image for this device" is an answer here, not a sticky error
     return false;
   }
   return true;
 }
 
-cudaError_t sm80_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+namespace {
+
+template <typename T>
+cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
   if (!fits<64, 3>(p)) return cudaErrorNotSupported;  // the smallest configuration; checked before any launch
   const int64_t rows = p.tokens * p.top_k;
   GemmArgs g1{};
-  g1.a = static_cast<const __nv_bfloat16*>(p.x);
+  g1.a = p.x;
   g1.gather = p.sorted_tokens;
-  g1.b = static_cast<const __nv_bfloat16*>(p.w13);
+  g1.b = p.w13;
   g1.out = p.inter;
   g1.offsets = p.expert_offsets;
   g1.experts = p.experts;
   g1.k = static_cast<int>(p.hidden);
   g1.n = static_cast<int>(2 * p.inter_size);
-  cudaError_t err = launch_gemm<true>(g1, rows, p, stream);
+  cudaError_t err = launch_gemm<T, true>(g1, rows, p, stream);
   if (err != cudaSuccess) return err;
 
   GemmArgs g2{};
-  g2.a = static_cast<const __nv_bfloat16*>(p.inter);
+  g2.a = p.inter;
   g2.gather = nullptr;
-  g2.b = static_cast<const __nv_bfloat16*>(p.w2);
+  g2.b = p.w2;
   g2.out = p.out_rows;
   g2.offsets = p.expert_offsets;
   g2.experts = p.experts;
   g2.k = static_cast<int>(p.inter_size);
   g2.n = static_cast<int>(p.hidden);
-  return launch_gemm<false>(g2, rows, p, stream);
+  return launch_gemm<T, false>(g2, rows, p, stream);
+}
+
+}  // namespace
+
+cudaError_t sm80_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+  return p.dtype == DType::kFloat16 ? run_typed<__half>(p, stream) : run_typed<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace moe_gemm

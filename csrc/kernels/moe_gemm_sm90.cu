@@ -2,27 +2,30 @@
 // shared memory, warp specialisation (one producer warpgroup, two consumer warpgroups, setmaxnreg).
 //
 // Algorithm: persistent blocks (one per SM; 192 KB of shared memory) walk the tile list of moe_gemm_common.cuh; a
-// tile is 128 rows x 256 columns, K walked in 64-wide k-tiles. One thread of the producer warpgroup waits for a free
-// ring slot (empty barrier), arms the slot's full barrier with the byte count and issues two TMA copies (A: 128 x 64,
-// B: 256 x 64, bf16); the two consumer warpgroups each own 64 rows x 256 columns and issue 4 wgmma.m64n256k16 per
-// k-tile with A and B read from shared memory (128 fp32 accumulators per thread), keep one wgmma group in flight,
-// and release a slot once the group that read it has completed. The epilogue goes from registers to global memory.
-// Producer and consumers walk the same (tile, k-tile) sequence, so their ring positions agree without messages.
+// tile is 128 rows x BN columns, K walked in 64-wide k-tiles. BN = 256 with a 4-deep ring of 48 KB slots, or BN = 128
+// with a 6-deep ring of 32 KB slots when 256-wide tiles would make fewer than two waves over the SMs (GEMM2 at a few
+// hundred tokens); fewer stages where the device has less shared memory. One thread of the producer warpgroup waits
+// for a free ring slot (empty barrier), arms the slot's full barrier with the byte count and issues two TMA copies
+// (A: 128 x 64, B: BN x 64, bf16 or fp16); the two consumer warpgroups each own 64 rows x BN columns and issue 4
+// wgmma.m64nBNk16 per k-tile with A and B read from shared memory (BN/2 fp32 accumulators per thread), keep one
+// wgmma group in flight, and release a slot once the group that read it has completed. The epilogue goes from
+// registers to global memory. Producer and consumers walk the same (tile, k-tile) sequence, so their ring positions
+// agree without messages.
 //
 // Gather: TMA's tiled mode copies boxes of consecutive rows and cannot gather the rows of x that an expert's tile
 // needs. So GEMM1 first copies x into expert order, x_perm[r] = x[sorted_tokens[r]] (moe_gather_rows_kernel), and
-// TMA reads A boxes from x_perm. That costs one extra read + write of R x H bf16 (~1% of GEMM1's time at T = 4096,
+// TMA reads A boxes from x_perm. That costs one extra read + write of R x H elements (~1% of GEMM1's time at T = 4096,
 // Mixtral shapes) and buys a fully asynchronous single-thread producer; the alternative (four producer warps issuing
 // per-row 16-byte cp.async into the swizzled layout) would use more issue slots and registers in the producer. The
-// copy lives in out_rows, which GEMM2 overwrites afterwards: R*H bf16 fits in its R*H fp32 bytes, and GEMM2 reads
+// copy lives in out_rows, which GEMM2 overwrites afterwards: R*H 16-bit values fit in its R*H fp32, and GEMM2 reads
 // only inter and w2, so no extra workspace is needed. GEMM2's A (inter) is already in expert order.
 //
 // Edges: TMA zero-fills everything outside the tensor (k past K, rows past R or past E*N); rows of the next expert
 // that fall in a tile's last M-box and weight rows of the next expert in the last N-box are multiplied but never
 // stored (each output row/column depends only on its own A row/B row).
 //
-// Layouts (PTX ISA, "Shared Memory Matrix Layout" / "Matrix Descriptor", wgmma .bf16, both operands K-major):
-//   Shared tile = rows of 64 bf16 = 128 bytes. TMA with CU_TENSOR_MAP_SWIZZLE_128B stores 16-byte chunk c of row r
+// Layouts (PTX ISA, "Shared Memory Matrix Layout" / "Matrix Descriptor", wgmma .bf16/.f16, both operands K-major):
+//   Shared tile = rows of 64 16-bit elements = 128 bytes. TMA with CU_TENSOR_MAP_SWIZZLE_128B stores 16-byte chunk c of row r
 //   at chunk c ^ (r % 8) within the row, the XOR taken from address bits [7,10) into bits [4,7); the pattern
 //   repeats every 8 rows = 1024 bytes, so every tile base is 1024-byte aligned (then the descriptor's base offset,
 //   bits 49-51, is 0).
@@ -37,12 +40,12 @@
 //   j = 0 .. N/8 - 1: per 8-column block the same as mma.sync's C fragment, so the epilogues are shared.
 //
 // Limits: K, N multiples of 8 (TMA needs 16-byte row strides), E <= 256, rows < 2^31. Numerics as the sm80 path:
-// fp32 accumulation, GEMM1 rounds silu(gate) * up to bf16, GEMM2 writes fp32.
+// fp32 accumulation, GEMM1 rounds silu(gate) * up to the element type (bf16 or fp16), GEMM2 writes fp32.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <mutex>
+#include <type_traits>
 
 #include "moe_gemm_common.cuh"
 
@@ -66,15 +69,16 @@ namespace {
 
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
 constexpr int kBM = 128;
-constexpr int kBN = 256;
 constexpr int kBK = 64;
 constexpr int kABytes = kBM * kBK * 2;  // 16 KB
-constexpr int kBBytes = kBN * kBK * 2;  // 32 KB
-constexpr int kStageBytes = kABytes + kBBytes;
+template <int BN>
+constexpr int b_bytes() {
+  return BN * kBK * 2;  // 32 KB (BN = 256) or 16 KB (BN = 128): multiples of 1024, so every slot stays aligned
+}
 
-template <int STAGES>
+template <int BN, int STAGES>
 constexpr int sm90_smem_bytes() {
-  return STAGES * kStageBytes + 1024;  // + slack to align the ring to 1024 bytes
+  return STAGES * (kABytes + b_bytes<BN>()) + 1024;  // + slack to align the ring to 1024 bytes
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -132,50 +136,107 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// d[0..127] += A(64 x 16, smem) * B(256 x 16, smem)^T, both K-major bf16, fp32 accumulators.
+// wgmma operand lists: the accumulators d[0 .. N/2) as "+f" operands %0 .. %(N/2 - 1), then desc_a, desc_b and the
+// scale-d flag. The instruction is issued by the whole warpgroup; A and B come from shared memory (descriptors).
+#define MOE_SM90_D128 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define MOE_SM90_R128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "\
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "\
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "\
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "\
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "\
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define MOE_SM90_D64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define MOE_SM90_R64 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "\
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+// d[0..127] += A(64 x 16, smem) * B(256 x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
+template <typename T>
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-      "}, %128, %129, p, 1, 1, 0, 0;\n"
-      "}\n"
-      :
-        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(1)
-      : "memory");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MOE_SM90_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MOE_SM90_D128
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" MOE_SM90_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MOE_SM90_D128
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+  }
+}
+
+// d[0..63] += A(64 x 16, smem) * B(128 x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MOE_SM90_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : MOE_SM90_D64
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" MOE_SM90_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : MOE_SM90_D64
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+  }
+}
+
+template <typename T, int BN>
+__device__ __forceinline__ void wgmma_tile(float* d, uint64_t desc_a, uint64_t desc_b) {
+  static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
+  if constexpr (BN == 256)
+    wgmma_m64n256k16<T>(d, desc_a, desc_b);
+  else
+    wgmma_m64n128k16<T>(d, desc_a, desc_b);
 }
 
 // Pins the accumulators in program order relative to the surrounding asm statements (the zeroing must precede
 // the first wgmma, the epilogue's reads must follow wgmma.wait_group), since the compiler sees no dependency
 // between the asynchronous wgmma and those ordinary instructions.
+template <int N>
 __device__ __forceinline__ void fence_accumulators(float* d) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 template <int R>
@@ -188,13 +249,16 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 }
 #endif
 
-// SWIGLU: GEMM1 (A = x_perm, silu(gate)*up epilogue into inter bf16 [R, N/2]); else GEMM2 (fp32 out [R, N]).
-template <int STAGES, bool SWIGLU>
+// SWIGLU: GEMM1 (A = x_perm, silu(gate)*up epilogue into inter T [R, N/2]); else GEMM2 (fp32 out [R, N]).
+template <typename T, int BN, int STAGES, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                          GemmArgs g) {
 #ifdef MOE_SM90_ENABLED
   static_assert(STAGES >= 3, "at least 3 stages");
+  constexpr int kBBytes = b_bytes<BN>();
+  constexpr int kStageBytes = kABytes + kBBytes;
+  constexpr int kAcc = BN / 2;  // fp32 accumulators per thread: 64 x BN over 128 threads
   extern __shared__ unsigned char smem_raw[];
   __shared__ int s_off[kMaxExperts + 1];
   __shared__ int s_tiles[kMaxExperts + 1];
@@ -202,8 +266,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ __align__(8) uint64_t empty_bar[STAGES];
 
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sA = ring;                       // STAGES x [128][64] bf16
-  const uint32_t sB = ring + STAGES * kABytes;    // STAGES x [256][64] bf16 (1024-aligned: kABytes is 16 KB)
+  const uint32_t sA = ring;                       // STAGES x [128][64] T
+  const uint32_t sB = ring + STAGES * kABytes;    // STAGES x [BN][64] T (1024-aligned: kABytes is 16 KB)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -212,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  const int ntiles = (g.n + kBN - 1) / kBN;
+  const int ntiles = (g.n + BN - 1) / BN;
   build_schedule(g, kBM, ntiles, s_off, s_tiles);  // its barriers also publish the initialised mbarriers
   const int total = s_tiles[g.experts];
   const int ktiles = (g.k + kBK - 1) / kBK;
@@ -227,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t phase = 0;
       int e = 0;
       for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        const Tile tl = decode_tile(tile, e, kBM, kBN, s_off, s_tiles);
+        const Tile tl = decode_tile(tile, e, kBM, BN, s_off, s_tiles);
         const int b_row = tl.e * g.n + tl.n0;  // row of the [E*N, K] weight view
         for (int kt = 0; kt < ktiles; ++kt) {
           mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1);
@@ -251,11 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     int e = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const Tile tl = decode_tile(tile, e, kBM, kBN, s_off, s_tiles);
-      float d[128];
+      const Tile tl = decode_tile(tile, e, kBM, BN, s_off, s_tiles);
+      float d[kAcc];
 #pragma unroll
-      for (int i = 0; i < 128; ++i) d[i] = 0.f;
-      fence_accumulators(d);
+      for (int i = 0; i < kAcc; ++i) d[i] = 0.f;
+      fence_accumulators<kAcc>(d);
       int prev = -1;
       for (int kt = 0; kt < ktiles; ++kt) {
         mbar_wait(smem_u32(&full_bar[stage]), phase);
@@ -263,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint64_t da = smem_desc_sw128(sA + stage * kABytes + c * 64 * 128);
         const uint64_t db = smem_desc_sw128(sB + stage * kBBytes);
 #pragma unroll
-        for (int kk = 0; kk < kBK / 16; ++kk) wgmma_m64n256k16(d, da + 2 * kk, db + 2 * kk);
+        for (int kk = 0; kk < kBK / 16; ++kk) wgmma_tile<T, BN>(d, da + 2 * kk, db + 2 * kk);
         wgmma_commit();
         // At most the group just issued is still running: the previous k-tile's slot is no longer read.
         wgmma_wait<1>();
@@ -278,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       wgmma_wait<0>();
-      fence_accumulators(d);
+      fence_accumulators<kAcc>(d);
       if (prev >= 0) {
         __syncwarp();
         if (lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
@@ -291,9 +355,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int r = tl.m0 + c * 64 + warp * 16 + grp + 8 * h;
         const bool row_ok = r < tl.m_end;
         if constexpr (SWIGLU) {
-          __nv_bfloat16* out_row = static_cast<__nv_bfloat16*>(g.out) + static_cast<int64_t>(r) * (g.n / 2);
+          T* out_row = static_cast<T*>(g.out) + static_cast<int64_t>(r) * (g.n / 2);
 #pragma unroll
-          for (int j = 0; j < kBN / 8; j += 2) {
+          for (int j = 0; j < BN / 8; j += 2) {
             const int nb = tl.n0 + j * 8;  // multiple of 16, as N: both 8-column blocks are in or out
             store_swiglu_pair(out_row, nb, d[4 * j + 2 * h], d[4 * j + 2 * h + 1], d[4 * j + 4 + 2 * h],
                               d[4 * j + 4 + 2 * h + 1], row_ok && nb < g.n);
@@ -301,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           float* out_row = static_cast<float*>(g.out) + static_cast<int64_t>(r) * g.n;
 #pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) {
+          for (int j = 0; j < BN / 8; ++j) {
             const int n = tl.n0 + j * 8 + 2 * tig;
             store_f32_pair(out_row, n, d[4 * j + 2 * h], d[4 * j + 2 * h + 1], row_ok && n < g.n);
           }
@@ -337,43 +401,100 @@ EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// A [rows, cols] row-major bf16 matrix read in boxes of box_rows x 64 with the 128-byte swizzle; out-of-range
-// elements read as zero.
-bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows) {
+// A [rows, cols] row-major matrix of 16-bit floats read in boxes of box_rows x 64 with the 128-byte swizzle;
+// out-of-range elements read as zero.
+bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, int64_t rows, int64_t cols,
+              int box_rows) {
   const EncodeTiledFn fn = encode_tiled_fn();
   if (fn == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};  // bytes, dimension 1
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  return fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+  return fn(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int STAGES, bool SWIGLU>
+template <typename T, int BN, int STAGES, bool SWIGLU>
 cudaError_t launch_one(const CUtensorMap& ma, const CUtensorMap& mb, const GemmArgs& g, int64_t rows,
                        int sm_count, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm90_kernel<STAGES, SWIGLU>;
-  constexpr int smem = sm90_smem_bytes<STAGES>();
+  auto kernel = moe_gemm_sm90_kernel<T, BN, STAGES, SWIGLU>;
+  constexpr int smem = sm90_smem_bytes<BN, STAGES>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int64_t ntiles = (g.n + kBN - 1) / kBN;
+  const int64_t ntiles = (g.n + BN - 1) / BN;
   const int64_t max_tiles = (rows / kBM + g.experts) * ntiles;  // >= sum_e ceil(rows_e / BM) * ntiles
   const int64_t grid = std::min<int64_t>(max_tiles, sm_count);
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(ma, mb, g);
   return cudaGetLastError();
 }
 
-template <int STAGES>
-cudaError_t run_stages(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+template <int BN, int STAGES>
+bool fits(const MoeGroupedGemmParams& p) {
+  return p.max_smem_per_block >= sm90_smem_bytes<BN, STAGES>() + kStaticSmemBound;
+}
+
+// One GEMM's configuration: tile width and ring depth, from the SM count and the shared-memory limit.
+struct Config {
+  int bn = 0;      // 0: no configuration fits
+  int stages = 0;
+};
+
+Config choose(const MoeGroupedGemmParams& p, int64_t rows, int64_t n) {
+  // Expected M-tiles: the full ones plus about half a partial tile per expert. Fewer than two waves of 256-wide
+  // tiles (GEMM2 at a few hundred tokens) leave SMs idle in the last wave: halve the width, double the tiles.
+  const int64_t mtiles = rows / kBM + (p.experts + 1) / 2;
+  const bool narrow = mtiles * ((n + 255) / 256) < 2LL * p.sm_count;
+  Config c;
+  if (!narrow && fits<256, 4>(p)) c = {256, 4};
+  else if (!narrow && fits<256, 3>(p)) c = {256, 3};
+  else if (fits<128, 6>(p)) c = {128, 6};
+  else if (fits<128, 4>(p)) c = {128, 4};
+  return c;
+}
+
+template <typename T, bool SWIGLU>
+cudaError_t launch_config(const Config& c, const CUtensorMap& ma, const CUtensorMap& mb, const GemmArgs& g,
+                          int64_t rows, int sm_count, cudaStream_t stream) {
+  if (c.bn == 256 && c.stages == 4) return launch_one<T, 256, 4, SWIGLU>(ma, mb, g, rows, sm_count, stream);
+  if (c.bn == 256 && c.stages == 3) return launch_one<T, 256, 3, SWIGLU>(ma, mb, g, rows, sm_count, stream);
+  if (c.bn == 128 && c.stages == 6) return launch_one<T, 128, 6, SWIGLU>(ma, mb, g, rows, sm_count, stream);
+  if (c.bn == 128 && c.stages == 4) return launch_one<T, 128, 4, SWIGLU>(ma, mb, g, rows, sm_count, stream);
+  return cudaErrorNotSupported;
+}
+
+}  // namespace
+
+bool sm90_available() {
+  // The kernel has a body only in an sm_90a cubin; on other devices, or with a build for plain sm_90, the loaded
+  // image is missing or an empty stub. The real body's static shared memory holds the schedule (2 x 257 ints =
+  // 2056 bytes); a stub has none, or only the 1 KB that sm_90 reserves per block.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, moe_gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  constexpr size_t kScheduleBytes = 2 * (kMaxExperts + 1) * sizeof(int);
+  return attr.binaryVersion >= 90 && attr.sharedSizeBytes >= kScheduleBytes && encode_tiled_fn() != nullptr;
+}
+
+namespace {
+
+template <typename T>
+cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const int64_t R = p.tokens * p.top_k;
   const int64_t H = p.hidden;
   const int64_t I = p.inter_size;
-  void* x_perm = p.out_rows;  // [R, H] bf16 scratch inside out_rows, see the header comment
+  const Config c1 = choose(p, R, 2 * I);
+  const Config c2 = choose(p, R, H);
+  if (c1.bn == 0 || c2.bn == 0) return cudaErrorNotSupported;
+  void* x_perm = p.out_rows;  // [R, H] T scratch inside out_rows, see the header comment
   CUtensorMap a1, b1, a2, b2;
-  if (!make_map(&a1, x_perm, R, H, kBM) || !make_map(&b1, p.w13, p.experts * 2 * I, H, kBN) ||
-      !make_map(&a2, p.inter, R, I, kBM) || !make_map(&b2, p.w2, p.experts * H, I, kBN))
+  if (!make_map(&a1, type, x_perm, R, H, kBM) || !make_map(&b1, type, p.w13, p.experts * 2 * I, H, c1.bn) ||
+      !make_map(&a2, type, p.inter, R, I, kBM) || !make_map(&b2, type, p.w2, p.experts * H, I, c2.bn))
     return cudaErrorNotSupported;  // nothing launched yet: the caller may take the sm80 path
 
   const int vec = static_cast<int>(H / 8);
@@ -385,49 +506,33 @@ cudaError_t run_stages(const MoeGroupedGemmParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   GemmArgs g1{};
-  g1.a = static_cast<const __nv_bfloat16*>(x_perm);
+  g1.a = x_perm;
   g1.gather = nullptr;
-  g1.b = static_cast<const __nv_bfloat16*>(p.w13);
+  g1.b = p.w13;
   g1.out = p.inter;
   g1.offsets = p.expert_offsets;
   g1.experts = p.experts;
   g1.k = static_cast<int>(H);
   g1.n = static_cast<int>(2 * I);
-  err = launch_one<STAGES, true>(a1, b1, g1, R, p.sm_count, stream);
+  err = launch_config<T, true>(c1, a1, b1, g1, R, p.sm_count, stream);
   if (err != cudaSuccess) return err;
 
   GemmArgs g2{};
-  g2.a = static_cast<const __nv_bfloat16*>(p.inter);
+  g2.a = p.inter;
   g2.gather = nullptr;
-  g2.b = static_cast<const __nv_bfloat16*>(p.w2);
+  g2.b = p.w2;
   g2.out = p.out_rows;
   g2.offsets = p.expert_offsets;
   g2.experts = p.experts;
   g2.k = static_cast<int>(I);
   g2.n = static_cast<int>(H);
-  return launch_one<STAGES, false>(a2, b2, g2, R, p.sm_count, stream);
+  return launch_config<T, false>(c2, a2, b2, g2, R, p.sm_count, stream);
 }
 
 }  // namespace
 
-bool sm90_available() {
-  // The kernel has a body only in an sm_90a cubin; on other devices, or with a build for plain sm_90, the loaded
-  // image is missing or an empty stub. The real body's static shared memory holds the schedule (2 x 257 ints =
-  // 2056 bytes); a stub has none, or only the 1 KB that sm_90 reserves per block.
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, moe_gemm_sm90_kernel<4, true>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  constexpr size_t kScheduleBytes = 2 * (kMaxExperts + 1) * sizeof(int);
-  return attr.binaryVersion >= 90 && attr.sharedSizeBytes >= kScheduleBytes && encode_tiled_fn() != nullptr;
-}
-
 cudaError_t sm90_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
-  // Stages from the device's shared-memory limit: 4 x 48 KB on H100/H200 (227 KB), 3 where less is available.
-  if (p.max_smem_per_block >= sm90_smem_bytes<4>() + kStaticSmemBound) return run_stages<4>(p, stream);
-  if (p.max_smem_per_block >= sm90_smem_bytes<3>() + kStaticSmemBound) return run_stages<3>(p, stream);
-  return cudaErrorNotSupported;
+  return p.dtype == DType::kFloat16 ? run_typed<__half>(p, stream) : run_typed<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace moe_gemm

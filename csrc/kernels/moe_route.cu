@@ -10,16 +10,16 @@
 // Permutation: row of (token t, slot j) choosing expert e = offsets[e] + #{tokens t' < t that chose e} (a token
 // chooses an expert at most once, so no tie between slots). Tokens are processed in tiles of blockDim tokens in
 // ascending order; inside a tile, each warp ranks its lanes with one __ballot_sync per expert (rank = popcount of
-// the lower lanes that chose the same expert), a per-tile prefix over warps (in shared memory, warp order) gives
-// the tile's offsets, and a running per-expert base carries from tile to tile. Everything is integer arithmetic in
-// a fixed order: the output bits never depend on scheduling. Counting uses integer shared-memory atomics of
-// per-warp ballot counts: integer sums are order-independent, so this stays deterministic.
+// the lower lanes that chose the same expert), a per-tile exclusive prefix over warps (warp order; a shuffle scan,
+// one warp per expert) gives the tile's offsets, and a running per-expert base carries from tile to tile.
+// Everything is integer arithmetic in a fixed order: the output bits never depend on scheduling. Counting uses
+// integer shared-memory atomics of per-warp ballot counts: integer sums are order-independent (deterministic).
 //
 // Launches: T <= kSingleBlockMaxTokens: one block of up to 1024 threads does pass 1 (top-k, counts), the scan of
 // the E counts, and pass 2 (ranks, scatter): one launch. Larger T: three launches - count (one block per
 // kChunkTokens tokens; top-k, writes per-block counts to the workspace), scan (one block: per-expert exclusive
 // prefix over blocks plus the expert offsets, in place in the workspace), scatter (per block: pass 2 from its
-// base). Limits: E <= 64 (a 64-bit mask per token), k <= 4, T * k < 2^31. NaN logits are outside the contract
+// base). Limits: E <= 64 (per-expert shared tables), k <= 4, T * k < 2^31. NaN logits are outside the contract
 // (they never displace a finite logit); the k ids are always distinct and valid.
 #include "device.cuh"
 #include "moe_route.h"
@@ -87,55 +87,80 @@ __device__ __forceinline__ void warp_count(const int (&id)[K], bool valid, int E
   }
 }
 
-// Pass 2 over tokens [t_begin, t_end), in tiles of blockDim.x tokens: writes sorted_tokens and token_rows.
-// s_base[e] holds the first row of expert e available to this block's tokens and is advanced tile by tile.
-// Every thread of the block must call this (it synchronises); each thread re-reads the ids of its own tokens.
+// Pass 2 for one tile of blockDim.x tokens (token t for this thread, its ids in id[], -1 where !valid): ranks, then
+// sorted_tokens and token_rows. s_base[e] holds the first row of expert e still free for this block's tokens and
+// advances by the tile's count. Every thread of the block must call this (it synchronises).
 template <int K>
-__device__ void scatter_tiles(const MoeRouteParams& p, int64_t t_begin, int64_t t_end, int* s_base, int* s_warp) {
+__device__ __forceinline__ void scatter_tile(const MoeRouteParams& p, int64_t t, bool valid, const int (&id)[K],
+                                             int* s_base, int* s_warp) {
   const int E = p.experts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const unsigned lower = (1u << lane) - 1u;  // lanes below this one
+  int rank[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) rank[j] = 0;
+  // Rank inside the warp and the warp's count, per expert.
+  for (int e = 0; e < E; ++e) {
+    bool has = false;
+#pragma unroll
+    for (int j = 0; j < K; ++j) has |= id[j] == e;
+    const unsigned b = __ballot_sync(0xffffffffu, has);
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (id[j] == e) rank[j] = __popc(b & lower);
+    if (lane == 0) s_warp[warp * kMaxE + e] = __popc(b);
+  }
+  __syncthreads();
+  // Per expert: exclusive prefix over the tile's warps (warp order), starting at the expert's running base, which
+  // then advances by the tile's count. Few warps: one thread per expert walks them; many: one warp per expert,
+  // lane w = warp w, shuffle scan.
+  if (nwarps <= 4) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      int run = s_base[e];
+      for (int w = 0; w < nwarps; ++w) {
+        const int c = s_warp[w * kMaxE + e];
+        s_warp[w * kMaxE + e] = run;
+        run += c;
+      }
+      s_base[e] = run;
+    }
+  } else {
+    for (int e = warp; e < E; e += nwarps) {
+      const int base = s_base[e];  // read by every lane before the shuffles; lane 31 rewrites it after them
+      const int c = lane < nwarps ? s_warp[lane * kMaxE + e] : 0;
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      if (lane < nwarps) s_warp[lane * kMaxE + e] = base + incl - c;
+      if (lane == 31) s_base[e] = base + incl;  // lanes >= nwarps add 0: lane 31 holds the tile total
+    }
+  }
+  __syncthreads();
+  if (valid) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int row = s_warp[warp * kMaxE + id[j]] + rank[j];
+      p.sorted_tokens[row] = static_cast<int>(t);
+      p.token_rows[t * K + j] = row;
+    }
+  }
+  __syncthreads();  // s_warp is rewritten by the next tile
+}
+
+// Pass 2 over tokens [t_begin, t_end) in tiles of blockDim.x; each thread re-reads the ids of its own tokens (written
+// by this thread in pass 1 on the single-block path, by the count kernel on the multi-block path).
+template <int K>
+__device__ void scatter_tiles(const MoeRouteParams& p, int64_t t_begin, int64_t t_end, int* s_base, int* s_warp) {
   for (int64_t t0 = t_begin; t0 < t_end; t0 += blockDim.x) {
     const int64_t t = t0 + threadIdx.x;
     const bool valid = t < t_end;
-    int id[K], rank[K];
+    int id[K];
 #pragma unroll
-    for (int j = 0; j < K; ++j) {
-      id[j] = valid ? p.topk_ids[t * K + j] : -1;
-      rank[j] = 0;
-    }
-    // Rank inside the warp and the warp's count, per expert.
-    for (int e = 0; e < E; ++e) {
-      bool has = false;
-#pragma unroll
-      for (int j = 0; j < K; ++j) has |= id[j] == e;
-      const unsigned b = __ballot_sync(0xffffffffu, has);
-#pragma unroll
-      for (int j = 0; j < K; ++j)
-        if (id[j] == e) rank[j] = __popc(b & lower);
-      if (lane == 0) s_warp[warp * kMaxE + e] = __popc(b);
-    }
-    __syncthreads();
-    // Per expert: exclusive prefix over the warps of the tile, starting at the expert's running base.
-    if (threadIdx.x < E) {
-      int run = s_base[threadIdx.x];
-      for (int w = 0; w < nwarps; ++w) {
-        const int c = s_warp[w * kMaxE + threadIdx.x];
-        s_warp[w * kMaxE + threadIdx.x] = run;
-        run += c;
-      }
-      s_base[threadIdx.x] = run;
-    }
-    __syncthreads();
-    if (valid) {
-#pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const int row = s_warp[warp * kMaxE + id[j]] + rank[j];
-        p.sorted_tokens[row] = static_cast<int>(t);
-        p.token_rows[t * K + j] = row;
-      }
-    }
-    __syncthreads();  // s_warp is rewritten by the next tile
+    for (int j = 0; j < K; ++j) id[j] = valid ? p.topk_ids[t * K + j] : -1;
+    scatter_tile<K>(p, t, valid, id, s_base, s_warp);
   }
 }
 
@@ -198,13 +223,35 @@ __global__ void __launch_bounds__(kSingleBlockThreads) moe_route_single_kernel(M
   __shared__ int s_count[kMaxE], s_base[kMaxE], s_warp[kMaxWarps * kMaxE];
   for (int e = threadIdx.x; e < kMaxE; e += blockDim.x) s_count[e] = 0;
   __syncthreads();
-  topk_tiles<T, K>(p, 0, p.tokens, s_count);
+  // One tile (T <= blockDim, every decode step): the ids stay in registers between the passes.
+  const bool one_tile = p.tokens <= blockDim.x;
+  int id[K];
+  const bool valid = threadIdx.x < p.tokens;
+  if (one_tile) {
+    float w[K];
+    if (valid) {
+      route_token<T, K>(static_cast<const T*>(p.logits) + threadIdx.x * p.logits_stride, p.experts, w, id);
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        p.topk_weights[threadIdx.x * K + j] = w[j];
+        p.topk_ids[threadIdx.x * K + j] = id[j];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < K; ++j) id[j] = -1;
+    }
+    warp_count<K>(id, valid, p.experts, s_count);
+  } else {
+    topk_tiles<T, K>(p, 0, p.tokens, s_count);
+  }
   __syncthreads();
   if (threadIdx.x < 32) scan_counts_warp0(p, s_count, s_base);
   if (threadIdx.x == 0) p.expert_offsets[p.experts] = static_cast<int>(p.tokens) * K;
   __syncthreads();
-  // Pass 2 re-reads topk_ids: each thread reads back the tokens it wrote itself in pass 1 (same tiling).
-  scatter_tiles<K>(p, 0, p.tokens, s_base, s_warp);
+  if (one_tile)
+    scatter_tile<K>(p, threadIdx.x, valid, id, s_base, s_warp);
+  else
+    scatter_tiles<K>(p, 0, p.tokens, s_base, s_warp);  // same tiling as pass 1: a thread re-reads its own ids
 }
 
 // Multi-block pass 1: block b handles tokens [b * kChunkTokens, ...) and writes its counts to workspace[b, E].
@@ -263,7 +310,6 @@ cudaError_t launch_typed(const MoeRouteParams& p, cudaStream_t stream) {
     // Whole warps only (the ballots need every lane); T = 0 still runs to write zero counts and offsets.
     int threads = static_cast<int>((p.tokens + 31) / 32 * 32);
     threads = threads < 32 ? 32 : (threads > kSingleBlockThreads ? kSingleBlockThreads : threads);
-    if (threads < p.experts) threads = (p.experts + 31) / 32 * 32;  // thread e runs expert e's prefix
     moe_route_single_kernel<T, K><<<1, threads, 0, stream>>>(p);
     return cudaGetLastError();
   }

@@ -5,7 +5,7 @@
 
 namespace mixtral {
 
-constexpr int kMoeRouteMaxExperts = 64;  // one 64-bit mask of chosen experts per token
+constexpr int kMoeRouteMaxExperts = 64;  // per-expert tables in shared memory are sized for 64
 constexpr int kMoeRouteMaxTopK = 4;      // the k best are kept in registers (compile-time k in 1..4)
 
 struct MoeRouteParams {
