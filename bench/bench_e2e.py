@@ -200,22 +200,18 @@ def main(argv=None):
     prompts = [512, 4096] if args.quick else [512, 4096, 16384]
     iters = 10 if args.quick else 30
 
-    # The transformers model first (when compared at the same depth, ours takes its weights), so the depth that
-    # fits is computed with it in memory. Depth: weights + the largest cache (batch 64 at 4096) + activations.
+    # Depth: the weights + the largest cache (batch 64 at 4096 tokens) + activations must fit; the transformers
+    # comparison comes afterwards, with this model freed, so an H200 runs all 32 layers.
     cmp_layers = min(full, 2 if args.quick else 4)
-    hf = None if args.no_transformers else transformers_model(cfg, cmp_layers)
     free_bytes, _ = torch.cuda.mem_get_info()
     layer_bytes = (param_bytes(cfg, torch.bfloat16) - 2 * 2 * cfg.vocab_size * cfg.hidden_size) / full
     cache_per_layer = 2 * 2 * max(batches) * (max(contexts) + 256) * cfg.num_key_value_heads * cfg.head_dim
-    fit = int((free_bytes - 8 * 2 ** 30 - 4 * cfg.vocab_size * cfg.hidden_size) // (layer_bytes + cache_per_layer))
+    fit = int((free_bytes - 6 * 2 ** 30 - 4 * cfg.vocab_size * cfg.hidden_size) // (layer_bytes + cache_per_layer))
     layers = min(full, args.layers or (2 if args.quick else max(2, min(full, fit))))
     note = (f"all {full} layers" if layers >= full else
             f"{layers} layers built, timed at {layers} and {max(1, layers // 2)}, extrapolated to {full}")
     print(f"depth: {note} (fits: {fit}); transformers comparison at {cmp_layers} layers")
-
     model = random_model(dict_replace(cfg, num_hidden_layers=layers))
-    if hf is not None and cmp_layers == layers:
-        load_transformers_state(hf.state_dict(), model.config, dict(model.named_parameters()))
 
     decode_rows, prefill_rows, cmp_rows = [], [], []
     for ctx in contexts:
@@ -233,12 +229,12 @@ def main(argv=None):
                              "pct_matmul": 100 * flops / ms32 / 1e9 / device["bf16_matmul_tflops"]})
         print(f"prefill n={n}: {ms32:.1f} ms ({time.time() - t_start:.0f} s)", flush=True)
 
+    del model
+    free()
+    hf = None if args.no_transformers else transformers_model(cfg, cmp_layers)
     if hf is not None:
-        if cmp_layers != layers:
-            del model
-            free()
-            model = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers))
-            load_transformers_state(hf.state_dict(), model.config, dict(model.named_parameters()))
+        model = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers))
+        load_transformers_state(hf.state_dict(), model.config, dict(model.named_parameters()))
         cmp_contexts = [128] if args.quick else [128, 4096]
         for ctx in cmp_contexts:
             for B in batches:

@@ -47,9 +47,7 @@ def _free_models():
 
 def models(name):
     """(ours bf16, transformers bf16, transformers float32), all on the GPU with the same weights."""
-    if name not in _MODELS:
-        _MODELS.clear()  # one config at a time: the real-size one takes ~25 GB
-        torch.cuda.empty_cache()
+    if name not in _MODELS:  # kept for the module (the real-size trio takes ~25 GB, the small ones little)
         kw = dict(GPU_CONFIGS[name], head_dim=128, num_experts_per_tok=2, max_position_embeddings=4096,
                   initializer_range=0.02 if name == "real_2layers" else 0.06, eos_token_id=None, bos_token_id=None)
         cfg = transformers.MixtralConfig(**kw)

@@ -4,8 +4,10 @@ CPU (CI): static checks on the built extension's machine code (the sm80 path's k
 the Hopper kernels HGMMA in the sm_90a cubin, none spills). GPU (`cuda`): ops.moe_experts against the float32
 reference under the 2x rule for T above the decode threshold, skewed routings, Mixtral and awkward shapes, each
 code path forced through MIXTRAL_EXT_MOE_PATH (read at every call, so monkeypatch.setenv switches it in-process) and
-checked to be the one that ran (profiler kernel names), determinism, CUDA graph replay with a different routing,
-and no NaN with large activations.
+checked to be the one that ran (profiler kernel names), bf16 and fp16, determinism, CUDA graph replay with a
+different routing, no NaN with large activations, and MIXTRAL_EXT_MOE_PATH=decode handing T > threshold back to the
+decode kernels. Every T here is above moe_decode.h's kMoeDecodeMaxTokens (64): if that threshold moves up, the
+smallest T values must move with it (the kernel-name check then says so).
 """
 import glob
 import os
@@ -24,11 +26,11 @@ from numerics import assert_2x_rule
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 
-def make_weights(E, H, I, device, seed=0):
+def make_weights(E, H, I, device, seed=0, dtype=torch.bfloat16):
     """w13 [E, 2I, H] (gate/up interleaved by row) and w2 [E, H, I], scaled so activations stay O(1)."""
     g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: Mixtral's 2.8 G weights in milliseconds
-    w13 = (torch.randn(E, 2 * I, H, generator=g, device=device) / H ** 0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, I, generator=g, device=device) / I ** 0.5).to(torch.bfloat16)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device=device) / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g, device=device) / I ** 0.5).to(dtype)
     return w13, w2
 
 
@@ -56,8 +58,8 @@ def route_of(logits, top_k, device):
     return Route(*reference.moe_route(logits.to(device), top_k))
 
 
-def eager_bf16(x, route, w13, w2):
-    """The same math as eager PyTorch in bf16 (every matmul output and the activation rounded to bf16)."""
+def eager_low(x, route, w13, w2):
+    """The same math as eager PyTorch in x's dtype (every matmul output and the activation rounded to it)."""
     T, H = x.shape
     offs = route.expert_offsets.tolist()
     rows = x[route.sorted_tokens.long()]
@@ -112,19 +114,19 @@ def expected_kernel(path):
     return "moe_gemm_sm80_kernel"
 
 
-def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="auto"):
+def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="auto", dtype=torch.bfloat16):
     dev = "cuda"
     torch.manual_seed(seed)
-    x = (torch.randn(T, H, device=dev) * x_scale).to(torch.bfloat16)
-    w13, w2 = make_weights(E, H, I, dev, seed=seed + 1)
+    x = (torch.randn(T, H, device=dev) * x_scale).to(dtype)
+    w13, w2 = make_weights(E, H, I, dev, seed=seed + 1, dtype=dtype)
     route = route_of(make_logits(T, E, kind, seed + 2), top_k, dev)
     names = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
     want = expected_kernel(path)
     assert any(want in n for n in names), f"{want} did not run; launched: {sorted(names)}"
     out = kernels.moe_experts(x, route, w13, w2)
-    assert out.shape == (T, H) and out.dtype == torch.bfloat16
-    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_bf16(x, route, w13, w2),
-                   f"T={T} E={E} k={top_k} H={H} I={I} {kind} path={path}")
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2),
+                   f"T={T} E={E} k={top_k} H={H} I={I} {kind} path={path} {dtype}")
     return out
 
 
@@ -192,6 +194,13 @@ def test_sm90_path_uses_wgmma_and_tma(sass):
 @pytest.mark.parametrize("T", [65, 128, 257, 1000, 4096, 8192])
 def test_token_sweep(kernels, path, T):
     check(kernels, T, E=8, top_k=2, H=512, I=768, seed=T, path=path)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,H,I", [(65, 512, 768), (1000, 1032, 2056), (4096, 4096, 1024)])
+def test_float16(kernels, path, T, H, I):
+    """The same kernels instantiated for fp16 (mma/wgmma .f16, fp16 TMA maps, fp16 intermediate)."""
+    check(kernels, T, E=8, top_k=2, H=H, I=I, seed=T + 1, path=path, dtype=torch.float16)
 
 
 @pytest.mark.cuda
@@ -307,4 +316,4 @@ def test_decode_setting_declines(kernels, monkeypatch):
     names = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
     assert not any("moe_gemm_sm" in n for n in names), sorted(names)
     assert_2x_rule(kernels.moe_experts(x, route, w13, w2), reference_fp32(x, route, w13, w2),
-                   eager_bf16(x, route, w13, w2), "decode fallback")
+                   eager_low(x, route, w13, w2), "decode fallback")

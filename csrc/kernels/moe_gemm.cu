@@ -2,7 +2,7 @@
 //
 // Algorithm (both paths): rows are the R = T*k (token, slot) pairs in expert-sorted order; expert e owns rows
 // expert_offsets[e] .. expert_offsets[e+1]-1 (device-only: tiles are enumerated on the device, no host sync).
-//   GEMM1: inter[r, i] = bf16( silu(x[tok(r)] . w13[e, 2i]) * (x[tok(r)] . w13[e, 2i+1]) ), tok = sorted_tokens,
+//   GEMM1: inter[r, i] = T( silu(x[tok(r)] . w13[e, 2i]) * (x[tok(r)] . w13[e, 2i+1]) ), tok = sorted_tokens,
 //          N = 2I columns of w13's interleaved gate/up rows, K = H; the silu*mul is done in the epilogue.
 //   GEMM2: out_rows[r, h] = fp32( inter[r] . w2[e, h] ), N = H, K = I.
 // One launch per GEMM covers all experts (persistent grid, tile scheduler in moe_gemm_common.cuh).
@@ -14,9 +14,10 @@
 // Hopper path; cudaErrorNotSupported where it cannot run), decode (always cudaErrorNotSupported, so moe_experts
 // runs its decode kernels at any T: for measuring the decode/prefill threshold). Read at every call (a getenv,
 // negligible next to the GEMMs), so a test or benchmark can switch paths within one process.
-// Limits (else cudaErrorNotSupported, before anything is launched): bf16; H and I multiples of 8; 1 <= E <= 256;
-// R, E*2I and E*H below 2^31; all pointers 16-byte aligned; compute capability >= 8.0.
-// Numerics: fp32 accumulation; inter rounded to bf16 (as the eager bf16 composite would); out_rows fp32.
+// T = the activation dtype, bf16 or fp16 (x, w13, w2 and inter all of it).
+// Limits (else cudaErrorNotSupported, before anything is launched): bf16 or fp16; H and I multiples of 8;
+// 1 <= E <= 256; R, E*2I and E*H below 2^31; all pointers 16-byte aligned; compute capability >= 8.0.
+// Numerics: fp32 accumulation; inter rounded to T (as the eager composite in T would); out_rows fp32.
 #include <cstdlib>
 #include <cstring>
 
@@ -43,7 +44,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 }  // namespace
 
 cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t stream) {
-  if (p.dtype != DType::kBFloat16) return cudaErrorNotSupported;
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return cudaErrorNotSupported;
   if (p.tokens <= 0) return cudaSuccess;
   constexpr int64_t kIntMax = 0x7fffffff;
   const int64_t R = p.tokens * p.top_k;

@@ -11,7 +11,8 @@
 // stored at chunk position c ^ (r & 7) (XOR swizzle). ldmatrix reads 8 rows (r..r+7, r a multiple of 8) at one logical
 // chunk: the physical chunks c ^ 0..7 are all different, so the 8 row reads hit all 32 banks once, conflict-free.
 //
-// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16 / .f16 alike; g = lane / 4 "groupID", t = lane % 4 "threadID_in_group"):
+// Fragment layouts (PTX ISA, mma.m16n8k16, .bf16 and .f16 alike; g = lane / 4 "groupID", t = lane % 4
+// "threadID_in_group"):
 //   A (16x16, row-major): a[0] = (row g,   k 2t..2t+1), a[1] = (row g+8, k 2t..2t+1),
 //                         a[2] = (row g,   k 2t+8..+9), a[3] = (row g+8, k 2t+8..+9)   (2 elements per register)
 //   B (16x8, "col"):      b[0] = (k 2t..2t+1, col g),   b[1] = (k 2t+8..+9, col g)

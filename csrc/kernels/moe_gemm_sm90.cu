@@ -24,11 +24,11 @@
 // that fall in a tile's last M-box and weight rows of the next expert in the last N-box are multiplied but never
 // stored (each output row/column depends only on its own A row/B row).
 //
-// Layouts (PTX ISA, "Shared Memory Matrix Layout" / "Matrix Descriptor", wgmma .bf16/.f16, both operands K-major):
-//   Shared tile = rows of 64 16-bit elements = 128 bytes. TMA with CU_TENSOR_MAP_SWIZZLE_128B stores 16-byte chunk c of row r
-//   at chunk c ^ (r % 8) within the row, the XOR taken from address bits [7,10) into bits [4,7); the pattern
-//   repeats every 8 rows = 1024 bytes, so every tile base is 1024-byte aligned (then the descriptor's base offset,
-//   bits 49-51, is 0).
+// Layouts (PTX ISA, "Shared Memory Matrix Layout" / "Matrix Descriptor", wgmma .bf16 / .f16, operands K-major):
+//   Shared tile = rows of 64 16-bit elements = 128 bytes. TMA with CU_TENSOR_MAP_SWIZZLE_128B stores 16-byte
+//   chunk c of row r at chunk c ^ (r % 8) within the row, the XOR taken from address bits [7,10) into bits [4,7); the
+//   pattern repeats every 8 rows = 1024 bytes, so every tile base is 1024-byte aligned (then the descriptor's base
+//   offset, bits 49-51, is 0).
 //   Descriptor (64 bits): bits 0-13 start address >> 4; bits 16-29 leading-dimension byte offset >> 4 (unused for
 //   swizzled K-major layouts: set to 1); bits 32-45 stride-dimension byte offset >> 4 = 1024 >> 4 (the distance
 //   between consecutive 8-row core-matrix groups); bits 62-63 swizzle mode, 1 = 128-byte swizzle.
