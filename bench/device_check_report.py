@@ -4,34 +4,26 @@ import json
 import os
 import re
 import sys
-import xml.etree.ElementTree as ET
 
 
 def test_counts(out):
-    """passed/failed/skipped and failure names, from junit.xml, else from the -v log of a run that was cut short."""
-    counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "complete": False}
-    junit = os.path.join(out, "junit.xml")
-    if os.path.exists(junit):
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            name = f"{case.get('classname')}::{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
-                counts["failed"] += 1
-                counts["failures"].append(name)
-            elif case.find("skipped") is not None:
-                counts["skipped"] += 1
-            else:
-                counts["passed"] += 1
-        counts["complete"] = True
-        return counts
+    """passed/failed/skipped, failure names and files that timed out or never ran, from the -v log of every file."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "timed_out": [], "not_run": []}
     log = os.path.join(out, "tests.log")
-    if os.path.exists(log):
-        for line in open(log, errors="replace"):
-            m = re.match(r"(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", line)
-            if m:
-                key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped"}[m.group(2)]
-                counts[key] += 1
-                if key == "failed":
-                    counts["failures"].append(m.group(1))
+    if not os.path.exists(log):
+        return counts
+    for line in open(log, errors="replace"):
+        m = re.match(r"(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", line)
+        if m:
+            key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed",
+                   "SKIPPED": "skipped", "XFAIL": "skipped"}[m.group(2)]
+            counts[key] += 1
+            if key == "failed":
+                counts["failures"].append(m.group(1))
+        elif line.startswith("TIMED OUT"):
+            counts["timed_out"].append(line.split(": ", 1)[-1].strip())
+        elif line.startswith("NOT RUN"):
+            counts["not_run"].append(line.split(": ", 1)[-1].strip())
     return counts
 
 
@@ -77,7 +69,8 @@ def main():
              f"- commit: {results['commit']}", f"- device: {results['device']}",
              f"- torch {torch_v}, CUDA {cuda_v}", f"- build rc {a.build_rc}, total {a.seconds} s",
              f"- tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
-             + ("" if t["complete"] else " (run cut short: counted from the log)"), ""]
+             + (f"; timed out: {', '.join(t['timed_out'])}" if t["timed_out"] else "")
+             + (f"; not run: {', '.join(t['not_run'])}" if t["not_run"] else ""), ""]
     if t["failures"]:
         lines += ["## Failures", ""] + [f"- {n}" for n in t["failures"]] + [""]
     for log in ("bench_kernels.log", "bench_e2e.log"):

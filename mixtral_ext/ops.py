@@ -127,8 +127,18 @@ KERNEL_DTYPES = {
 }
 
 
+# Shapes the CUDA kernels specialise for (head_dim and query heads per KV head); other shapes (small test configs on
+# a GPU) run the reference rather than fail. Mixtral's own shapes (D = 128, 4 query heads per KV head) always qualify.
+KERNEL_SHAPES = {
+    "attention_prefill": lambda q, k_cache, *_: q.shape[-1] == 128 and 128 % (q.shape[1] // k_cache.shape[2]) == 0,
+    "attention_decode": lambda q, k_cache, *_: (q.shape[-1] in (16, 32, 64, 128)
+                                                and q.shape[1] // k_cache.shape[2] in (1, 2, 4, 8)),
+}
+
+
 def _dispatch(name, key, *args):
-    if key.is_cuda and key.dtype not in KERNEL_DTYPES[name]:
+    if key.is_cuda and (key.dtype not in KERNEL_DTYPES[name]
+                        or not KERNEL_SHAPES.get(name, lambda *a: True)(*args)):
         return getattr(reference, name)(*args)
     return getattr(torch.ops.mixtral_ext, name)(*args)
 
