@@ -3,7 +3,7 @@
 A random-weight Mixtral-8x7B (the real sizes) in bf16 on the GPU, run the way generate() runs it:
   decode   tok/s at batch 1, 8, 64 with 128 and 4096 tokens of context: a CUDA-graph-replayed step plus greedy
            sampling. The cache is filled with random keys/values (a step's cost does not depend on their values,
-           and no 64 x 4096-token prefill is needed to time it).
+           and no 64 x 4096-token prefill is needed to time it). At batch 1 the same step without the graph too.
   prefill  tok/s for one prompt of 512, 4096 (and 16384) tokens: Mixtral.prefill (varlen kernels, lm_head on the
            last token only).
 Depth: all 32 layers when the weights and the largest cache fit, else N layers; an N-layer figure is scaled to 32
@@ -66,10 +66,10 @@ def depth(model, n):
         model.release_cache()
 
 
-def time_decode_ours(model, B, ctx, iters):
+def time_decode_ours(model, B, ctx, iters, graph=True):
     from mixtral_ext.generate import decode_state, graphs_supported
     with torch.inference_mode():  # as in generate(), which creates and reuses these states in inference mode
-        state = decode_state(model, B, ctx + 2, use_graph=graphs_supported(model))
+        state = decode_state(model, B, ctx + 2, use_graph=graph and graphs_supported(model))
         state.cache.k.normal_()
         state.cache.v.normal_()
         state.positions.fill_(ctx)
@@ -218,9 +218,13 @@ def main(argv=None):
         for B in batches:
             ms32, _ = scaled(lambda: time_decode_ours(model, B, ctx, iters), model, layers, full)
             roof_ms = decode_bytes(cfg, B, ctx) / (device["copy_gbs"] * 1e9) * 1e3
-            decode_rows.append({"batch": B, "context": ctx, "ms_per_step": ms32, "tok_s": B / ms32 * 1e3,
-                                "roofline_tok_s": B / roof_ms * 1e3, "pct_roofline": 100 * roof_ms / ms32,
-                                "GB_per_step": decode_bytes(cfg, B, ctx) / 1e9})
+            row = {"batch": B, "context": ctx, "ms_per_step": ms32, "tok_s": B / ms32 * 1e3,
+                   "roofline_tok_s": B / roof_ms * 1e3, "pct_roofline": 100 * roof_ms / ms32,
+                   "GB_per_step": decode_bytes(cfg, B, ctx) / 1e9}
+            if B == 1:  # what the CUDA graph saves: the same step launched op by op
+                row["eager_ms_per_step"], _ = scaled(lambda: time_decode_ours(model, B, ctx, iters, graph=False),
+                                                     model, layers, full)
+            decode_rows.append(row)
             print(f"decode B={B} ctx={ctx}: {ms32:.2f} ms/step ({time.time() - t_start:.0f} s)", flush=True)
     for n in prompts:
         ms32, _ = scaled(lambda: time_prefill_ours(model, n, max(2, iters // 5)), model, layers, full)
@@ -258,7 +262,8 @@ def main(argv=None):
                        decode_rows,
                        [("batch", "batch", None), ("context", "context", None), ("ms_per_step", "ms/step", "{:.2f}"),
                         ("tok_s", "tok/s", "{:.1f}"), ("roofline_tok_s", "roofline tok/s", "{:.1f}"),
-                        ("pct_roofline", "% roofline", "{:.0f}"), ("GB_per_step", "GB/step", "{:.1f}")])
+                        ("pct_roofline", "% roofline", "{:.0f}"), ("GB_per_step", "GB/step", "{:.1f}"),
+                        ("eager_ms_per_step", "ms/step without graph", "{:.2f}")])
     common.print_table(f"Prefill, bf16, one prompt ({note}); roofline: {device['bf16_matmul_tflops']} TFLOP/s",
                        prefill_rows,
                        [("tokens", "tokens", None), ("ms", "ms", "{:.1f}"), ("tok_s", "tok/s", "{:.0f}"),

@@ -4,10 +4,11 @@ Two layouts (DESIGN.md "Checkpoints"):
   HF           config.json + model.safetensors, or model.safetensors.index.json + model-0000i-of-0000n.safetensors
   consolidated params.json + consolidated*.safetensors (Mistral's release format)
 
-Loading streams shard by shard: each shard is memory-mapped by safetensors, each tensor is read on its own straight
-to the target device (safe_open(device=...)), converted to the target dtype and copied into the model's
-pre-allocated parameter, so host RAM holds the model's parameters (on a CPU target) plus one tensor in flight,
-never two copies of the model. Weights are re-laid-out here, once:
+Loading streams shard by shard: each shard is memory-mapped by safetensors (reopened every _CHUNK_BYTES, so at most
+that much of it is mapped and resident at once), each tensor is read on its own straight to the target device
+(safe_open(device=...)), converted to the target dtype and copied into the model's pre-allocated parameter, so host
+RAM holds the model's parameters (on a CPU target) plus one chunk in flight, never two copies of the model.
+Weights are re-laid-out here, once:
   q/k/v    -> attention.wqkv [(Hq + 2 Hkv) * D, H] (rows: q heads, k heads, v heads), one matmul per layer
   w1/w3    -> moe.w13 [E, 2I, H] interleaved by row: w13[e, 2i] = w1[e, i], w13[e, 2i + 1] = w3[e, i] (the contract
               of ops.moe_experts: one pass over w13 yields the gate and up value of the same unit together)
@@ -22,6 +23,7 @@ import os
 import torch
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_CHUNK_BYTES = 128 << 20  # tensors read per opening of a shard (bounds the mapped pages resident at once)
 
 
 class CheckpointError(ValueError):
@@ -151,11 +153,9 @@ def load_checkpoint(path, cfg, params, progress=True):
     seen = {}
     bar = _progress(len(expected), progress, os.path.basename(os.path.normpath(path)))
     for file in files:
-        try:
-            handle = safe_open(file, framework="pt", device=str(device))
-        except Exception as exc:  # SafetensorError, OSError: a corrupt, truncated or unreadable shard
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
-        with handle as f:
+        # First pass: check every name, shape and dtype of the shard before reading any data.
+        chunks, chunk, chunk_bytes = [], [], 0
+        with _open(safe_open, file, device) as f:
             for name in f.keys():
                 if name in optional:
                     continue
@@ -164,24 +164,38 @@ def load_checkpoint(path, cfg, params, progress=True):
                                           f"with this config)")
                 if name in seen:
                     raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
-                param, shape, place, transform = expected[name]
                 sl = f.get_slice(name)
-                if tuple(sl.get_shape()) != shape:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(sl.get_shape())}, expected "
-                                          f"{shape} from the config")
-                if sl.get_dtype() not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {sl.get_dtype()}, expected one of "
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if shape != expected[name][1]:
+                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} "
+                                          f"from the config")
+                if dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of "
                                           f"{sorted(_FLOAT_DTYPES)}")
-                try:
-                    value = f.get_tensor(name)
-                except Exception as exc:
-                    raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
-                if transform is not None:
-                    value = transform(value)
-                place(params[param]).copy_(value)
-                del value
                 seen[name] = os.path.basename(file)
-                bar.update(1)
+                nbytes = torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize
+                if chunk and chunk_bytes + nbytes > _CHUNK_BYTES:
+                    chunks.append(chunk)
+                    chunk, chunk_bytes = [], 0
+                chunk.append(name)
+                chunk_bytes += nbytes
+        chunks.append(chunk)
+        # Second pass, reopening the shard for every ~_CHUNK_BYTES of tensors: the memory map's pages that were
+        # read count towards the process's resident memory until the file is closed, so a 5 GB shard read in one
+        # go would show up as a second copy of that much of the model.
+        for chunk in chunks:
+            with _open(safe_open, file, device) as f:
+                for name in chunk:
+                    param, _, place, transform = expected[name]
+                    try:
+                        value = f.get_tensor(name)
+                    except Exception as exc:
+                        raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
+                    if transform is not None:
+                        value = transform(value)
+                    place(params[param]).copy_(value)
+                    del value
+                    bar.update(1)
     bar.close()
     missing = [name for name in expected if name not in seen]
     if missing:
@@ -224,6 +238,13 @@ def load_transformers_state(state, cfg, params):
         raise CheckpointError(f"transformers state: tensor {missing[0]} missing")
     if cfg.tie_word_embeddings:
         params["lm_head"].copy_(params["embed"])
+
+
+def _open(safe_open, file, device):
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except Exception as exc:  # SafetensorError, OSError: a corrupt, truncated or unreadable shard
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def _progress(total, enabled, what):

@@ -78,6 +78,12 @@ def run(device, quick):
     # transformers' layout (gate rows then up rows) for the eager baseline; our w13 interleaves them.
     gate_up = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
     hf = _transformers_experts(gate_up, w2)
+    if hf is not None:  # the installed transformers may construct it but call it differently: try it once
+        try:
+            hf(torch.randn(1, H, device="cuda").bfloat16(), ops.moe_route(torch.randn(1, E, device="cuda"), K))
+        except Exception as exc:
+            print(f"moe_decode: transformers MixtralExperts unusable ({type(exc).__name__}: {exc}); own eager loop")
+            hf = None
     eager_name = "transformers MixtralExperts" if hf is not None else "eager loop"
     eager_fn = hf or (lambda x, route: _eager_loop_own(x, route, gate_up, w2))
     gmm = _grouped_mm_fn(w13, w2)
