@@ -157,8 +157,9 @@ at::Tensor attention_prefill_cuda(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t B = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(D == 128, op, ": only head_dim 128 is implemented, got q head_dim ", D);
   TORCH_CHECK(k_cache.size(3) == D, op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ", D);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv,
-              ")");
+  // Hq > 0 as well: Hq = 0 would pass the modulo and then divide by G = 0 below.
+  TORCH_CHECK(Hkv > 0 && Hq > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV "
+              "heads (", Hkv, ")");
   TORCH_CHECK(mixtral::kAttnPrefillRowsPerBlock % (Hq / Hkv) == 0, op, ": the GQA group size Hq / Hkv = ", Hq / Hkv,
               " must divide ", mixtral::kAttnPrefillRowsPerBlock);
   TORCH_CHECK(cu_seqlens_q.size(0) == B + 1, op, ": cu_seqlens_q must have B + 1 = ", B + 1, " entries, got ",

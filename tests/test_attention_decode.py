@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from transformers.models.mixtral.modeling_mixtral import eager_attention_forward
 
 from mixtral_ext import ops, reference
 from numerics import assert_2x_rule
@@ -49,6 +48,9 @@ class _Module(torch.nn.Module):
     (2, 64, 8, 1, 64, [33, 64], 64),
 ])
 def test_reference_matches_transformers_eager(B, S, Hq, Hkv, D, lens, window):
+    # Imported here, not at module level: a transformers without it must not stop the GPU tests from being collected.
+    from transformers.models.mixtral.modeling_mixtral import eager_attention_forward
+
     q, k, v, seq_lens = make_inputs(B, S, Hq, Hkv, D, lens, seed=S + D)
     scale = 1 / math.sqrt(D)
     out = ops.attention_decode(q, k, v, seq_lens, scale, window)
@@ -167,14 +169,17 @@ def test_kernel_forced_splits(kernels, monkeypatch, splits, window):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 8, 128), (16, 8, 128), (64, 8, 128), (4, 2, 16), (8, 2, 32), (16, 2, 64)])
-def test_kernel_other_group_sizes_and_head_dims(kernels, Hq, Hkv, D):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (16, 8), (8, 2), (16, 2)])
+def test_kernel_other_group_sizes_and_head_dims(kernels, Hq, Hkv, D, dtype):
+    """Every compiled (D, G = Hq / Hkv) specialisation, in both dtypes; these lengths give several splits."""
     B, S = 3, 700
     lens = [700, 1, 333]
-    q, k, v, seq_lens = make_inputs(B, S, Hq, Hkv, D, lens, dtype=torch.bfloat16, device="cuda", seed=Hq + D)
+    q, k, v, seq_lens = make_inputs(B, S, Hq, Hkv, D, lens, dtype=dtype, device="cuda", seed=Hq + D)
     poison(k, v, seq_lens, 0)
     out = kernels.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(D), 0)
-    check_against_reference(out, q, k, v, seq_lens, 1 / math.sqrt(D), 0, f"Hq={Hq} Hkv={Hkv} D={D}")
+    check_against_reference(out, q, k, v, seq_lens, 1 / math.sqrt(D), 0, f"Hq={Hq} Hkv={Hkv} D={D} {dtype}")
 
 
 @pytest.mark.cuda
@@ -248,3 +253,13 @@ def test_kernel_opcheck_and_errors(kernels):
         op(q[:, :12].contiguous(), k, v, seq_lens, 0.088, 0)
     with pytest.raises(RuntimeError, match="window must be >= 0"):
         op(q, k, v, seq_lens, 0.088, -1)
+    with pytest.raises(RuntimeError, match="q must be contiguous"):
+        op(torch.cat([q, q], dim=-1)[..., :128], k, v, seq_lens, 0.088, 0)
+    with pytest.raises(RuntimeError, match="v_cache must be contiguous"):
+        op(q, k, torch.cat([v, v], dim=-1)[..., :128], seq_lens, 0.088, 0)
+    with pytest.raises(RuntimeError, match="q and seq_lens are on different devices"):
+        op(q, k, v, seq_lens.cpu(), 0.088, 0)
+    with pytest.raises(RuntimeError, match="k_cache shape .* differs from v_cache"):
+        op(q, k, v[:, :, :4].contiguous(), seq_lens, 0.088, 0)
+    with pytest.raises(RuntimeError, match="v_cache must be BFloat16"):
+        op(q, k, v.half(), seq_lens, 0.088, 0)

@@ -199,6 +199,37 @@ def test_no_nan(kernels):
 
 
 @pytest.mark.cuda
+def test_large_cache_64bit_offsets(kernels):
+    """A [2, 2^21 + 64, 8, 128] cache (8 GiB each for K and V): sequence 1 starts 2^31 elements in, and its last keys
+    sit ~2^31 elements past that, so any 32-bit index product reads the wrong slots. A window keeps the oracle small:
+    it runs on the last 2048 slots, which hold every key the window lets a query see."""
+    B, S, Hq, Hkv, W = 2, (1 << 21) + 64, 32, 8, 1500
+    g = torch.Generator(device="cuda").manual_seed(11)
+    k = torch.empty(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    new_lens, lens = [40, 300], [100, S]
+    for b, L in enumerate(lens):
+        lo = max(0, L - 2048)
+        k[b, lo:L] = torch.randn(L - lo, Hkv, D, device="cuda", generator=g).to(torch.bfloat16)
+        v[b, lo:L] = torch.randn(L - lo, Hkv, D, device="cuda", generator=g).to(torch.bfloat16)
+        k[b, L:L + 512] = float("nan")
+        v[b, L:L + 512] = float("nan")
+    q = torch.randn(sum(new_lens), Hq, D, device="cuda", generator=g).to(torch.bfloat16)
+    cu = [0, new_lens[0], sum(new_lens)]
+    out = kernels.attention_prefill(q, k, v, torch.tensor(cu, dtype=torch.int32, device="cuda"),
+                                    torch.tensor(lens, dtype=torch.int32, device="cuda"), max(new_lens), D ** -0.5, W)
+    ref, low = torch.empty(q.shape, device="cuda"), torch.empty_like(q)
+    for b, L in enumerate(lens):
+        lo = max(0, L - 2048)
+        rows = slice(cu[b], cu[b + 1])
+        args = (q[rows], k[b:b + 1, lo:L], v[b:b + 1, lo:L], [0, new_lens[b]], [L - lo], D ** -0.5, W)
+        ref[rows], low[rows] = ref_fp32(*args), eager_low(*args)
+    del k, v
+    torch.cuda.empty_cache()  # the sm_80 subprocess rerun needs the GPU memory back
+    assert_2x_rule(out, ref, low, what="attention_prefill 64-bit offsets")
+
+
+@pytest.mark.cuda
 def test_determinism_and_strided_q(kernels):
     q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs([700, 33], [100, 0], 32, 8, torch.bfloat16, "cuda", 10,
                                                          seed=5)
@@ -253,6 +284,6 @@ def test_each_path_in_a_subprocess():
     for path, select in [("sm80", "not subprocess"), ("sm90", "mixed_batch or opcheck")]:
         env = dict(os.environ, MIXTRAL_EXT_ATTN_PATH=path)
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "cuda", "-p", "no:cacheprovider",
-                              "-k", select, __file__], env=env, capture_output=True, text=True,
+                              "-k", select, __file__], env=env, capture_output=True, text=True, timeout=1800,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert res.returncode == 0, f"MIXTRAL_EXT_ATTN_PATH={path}:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"

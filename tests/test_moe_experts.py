@@ -232,21 +232,31 @@ def test_kernel_graph_capture(kernels, T):
     """Route + experts captured together (as in the decode step), replayed on new inputs, equal to eager."""
     E, k, H, I = 8, 2, 1024 + 64, 2816 + 32
     w13, w2 = cached_weights(E, H, I, torch.bfloat16)
+    # Static inputs: the tokens and their router logits (no cuBLAS in the graph, so eager must match bit for bit).
     x = torch.randn(T, H, device="cuda").bfloat16()
-    gate = (torch.randn(E, H, device="cuda") / H ** 0.5).bfloat16()
+    logits = torch.randn(T, E, device="cuda").bfloat16()
 
-    def layer(inp):
-        return kernels.moe_experts(inp, kernels.moe_route(inp @ gate.t(), k), w13, w2)
+    def layer(inp, lg):
+        return kernels.moe_experts(inp, kernels.moe_route(lg, k), w13, w2)
 
-    layer(x)
-    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, on a side stream as torch recommends
+        layer(x, logits)
+    torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        captured = layer(x)
-    fresh = torch.randn(T, H, device="cuda").bfloat16()
-    x.copy_(fresh)
+        captured = layer(x, logits)
+    fresh_x = torch.randn(T, H, device="cuda").bfloat16()
+    fresh_logits = torch.randn(T, E, device="cuda").bfloat16()
+    x.copy_(fresh_x)
+    logits.copy_(fresh_logits)
     g.replay()
-    assert torch.equal(captured, layer(fresh)), f"T={T}: graph replay differs from eager"
+    eager = layer(fresh_x, fresh_logits)
+    assert torch.equal(captured, eager), f"T={T}: graph replay differs from eager"
+    route = ops.Route(*reference.moe_route(fresh_logits, k))
+    assert_2x_rule(captured, reference.moe_experts(fresh_x.float(), *route_args(route), w13, w2),
+                   eager_low(fresh_x, route, w13, w2), what=f"graph T={T}")
 
 
 @pytest.mark.cuda

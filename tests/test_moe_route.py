@@ -107,6 +107,17 @@ def test_reference_empty_and_skewed():
     check_invariants(out, 20, 8, 2)
 
 
+def test_reference_nonfinite_order():
+    """NaN ranks above every number (torch.sort's order, as transformers' torch.topk), NaNs among themselves by
+    index; a row holding NaN or +inf has NaN weights. The kernel is held to exactly this."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, nan, 3.0, 2.0], [nan, 1.0, nan, 5.0], [inf, 0.0, 2.0, inf], [0.0, -inf, 1.0, -inf]])
+    w, ids = reference.moe_route(logits, 2)[:2]
+    assert ids.tolist() == [[1, 2], [0, 2], [0, 3], [2, 0]]
+    assert torch.isnan(w[:3]).all() and not torch.isnan(w[3]).any()
+    assert torch.topk(logits[:1], 2).indices.tolist() == [[1, 2]]  # topk (transformers) also ranks NaN first
+
+
 def test_opcheck_cpu():
     logits = torch.randn(9, 8)
     torch.library.opcheck(torch.ops.mixtral_ext.moe_route.default, (logits, 2))
@@ -119,7 +130,7 @@ def test_registered():
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
 
-GPU_T = [1, 2, 3, 8, 63, 64, 65, 257, 1024, 4096, 4097, 16384]
+GPU_T = [1, 2, 3, 8, 63, 64, 65, 257, 1024, 2000, 4096, 4097, 16384]  # 2000: one block, a partial second tile
 
 
 def assert_matches_reference(out, logits, k, what):
@@ -196,6 +207,31 @@ def test_kernel_adversarial(kernels, kind, T, dtype, E, k):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("T", [5, 300, 5000])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_nonfinite_logits(kernels, T, k, dtype):
+    """NaN / +inf / -inf logits: ids and permutation exactly the reference's (NaN ranks first), weights equal with
+    the same NaN pattern (NaN or +inf in a row makes its softmax NaN; -inf gets weight 0)."""
+    E = 8
+    g = torch.Generator(device="cuda").manual_seed(T * 10 + k)
+    x = torch.randn(T, E, device="cuda", generator=g)
+    pick = torch.rand(T, E, device="cuda", generator=g)
+    x = torch.where(pick < 0.06, torch.full_like(x, float("nan")), x)
+    x = torch.where(pick > 0.97, torch.full_like(x, float("inf")), x)
+    x = torch.where((pick > 0.93) & (pick <= 0.97), torch.full_like(x, float("-inf")), x)
+    x[0] = torch.tensor([1.0, 0.5, float("nan"), 3.0, 2.0, float("nan"), -1.0, 4.0])  # NaN below larger numbers
+    x[1] = torch.arange(E, device="cuda").float()  # a finite row for certain
+    logits = x.to(dtype)
+    out = kernels.moe_route(logits, k)
+    ref = reference.moe_route(logits.cpu(), k)
+    assert torch.isnan(ref[0]).any() and not torch.isnan(ref[0]).all(), "the input must mix NaN and finite rows"
+    torch.testing.assert_close(out[0].cpu(), ref[0], rtol=0, atol=1e-6, equal_nan=True)
+    for name, a, b in zip(OUT_NAMES[1:], out[1:], ref[1:]):
+        assert torch.equal(a.cpu(), b), f"T={T} k={k} {dtype}: {name} differs from the reference"
+
+
+@pytest.mark.cuda
 def test_kernel_strided_logits(kernels):
     base = torch.randn(100, 8 + 5, device="cuda", dtype=torch.bfloat16)
     logits = base[:, 2:10]  # rows 13 elements apart
@@ -223,8 +259,11 @@ def test_kernel_deterministic(kernels, T):
 @pytest.mark.parametrize("T", [1, 64, 8192])
 def test_kernel_graph_capture(kernels, T):
     static = torch.randn(T, 8, device="cuda", dtype=torch.bfloat16)
-    kernels.moe_route(static, 2)  # warm-up outside the capture
-    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, on a side stream as torch recommends
+        kernels.moe_route(static, 2)
+    torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         captured = kernels.moe_route(static, 2)

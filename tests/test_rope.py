@@ -3,8 +3,6 @@ the reference (GPU): rotated q and k and the copied v bit-exact (the kernel roun
 separately, in the reference's order), written exactly at (seq_ids, positions), nothing else in the caches touched."""
 import pytest
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
 
 from mixtral_ext import ops, reference
 
@@ -25,6 +23,11 @@ def make_inputs(T, Hq, Hkv, D, B, S, dtype=torch.float32, device="cpu", seed=0, 
 
 @pytest.mark.parametrize("D,theta", [(128, 1e6), (16, 1e4), (64, 1e6)])
 def test_reference_matches_transformers(D, theta):
+    # Imported here, not at module level: a transformers without these must not stop the GPU tests from being
+    # collected.
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
+
     Hq, Hkv, B, S, T = 4, 2, 3, 50, 17
     cfg = MixtralConfig(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D,
                         rope_theta=theta, max_position_embeddings=S)
@@ -47,6 +50,9 @@ def test_reference_matches_transformers(D, theta):
 
 
 def test_reference_table_matches_transformers():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
     D, P = 128, 4096
     cfg = MixtralConfig(head_dim=D, rope_theta=1e6, max_position_embeddings=P)
     cos, sin = MixtralRotaryEmbedding(cfg)(torch.zeros(1), torch.arange(P)[None])
@@ -184,3 +190,11 @@ def test_kernel_opcheck_and_errors(kernels):
         op(qkv[:, :-1].contiguous(), positions, seq_ids, cos_sin, k_cache, v_cache)
     with pytest.raises(RuntimeError, match="seq_ids has 5 entries"):
         op(qkv, positions, seq_ids[:5], cos_sin, k_cache, v_cache)
+    with pytest.raises(RuntimeError, match="k_cache must be contiguous"):
+        op(qkv, positions, seq_ids, cos_sin, torch.cat([k_cache, k_cache], dim=-1)[..., :128], v_cache)
+    with pytest.raises(RuntimeError, match="qkv and positions are on different devices"):
+        op(qkv, positions.cpu(), seq_ids, cos_sin, k_cache, v_cache)
+    with pytest.raises(RuntimeError, match="k_cache shape .* differs from v_cache"):
+        op(qkv, positions, seq_ids, cos_sin, k_cache, v_cache[:1].contiguous())
+    with pytest.raises(RuntimeError, match="cos_sin must be \\[P, D = 128\\]"):
+        op(qkv, positions, seq_ids, cos_sin[:, :64].contiguous(), k_cache, v_cache)

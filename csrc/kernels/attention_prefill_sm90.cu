@@ -98,13 +98,33 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  do {
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 " selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+               " selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+// The producer's wait, with a watchdog: no legitimate wait for a stage lasts more than microseconds (one tile's
+// matmuls), so one still pending after 10 s means a synchronisation bug, and trapping turns that hang into a
+// reported launch error (which also ends consumers stuck on a "full" barrier). The consumers keep the plain wait: a
+// timer there costs registers the wgmma pipeline needs (ptxas then serialises the wgmmas).
+constexpr uint64_t kWatchdogNs = 10000000000ull;
+__device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const uint64_t t0 = global_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (global_ns() - t0 > kWatchdogNs) __trap();
+  }
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -259,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     const T* v_head = static_cast<const T*>(p.v_cache) + blockIdx.y * p.v_stride_b + kvh * p.v_stride_h;
     for (int it = 0; it < bg.n_tiles; ++it) {
       const int s = it % kStages;
-      if (it >= kStages) mbar_wait(empty_bar + 8 * s, ((it / kStages) - 1) & 1);
+      if (it >= kStages) mbar_wait_watchdog(empty_bar + 8 * s, ((it / kStages) - 1) & 1);
       const int j0 = bg.kv_begin + it * kBN;
 #pragma unroll 4
       for (int i = 0; i < kBN * 16 / 128; ++i) {

@@ -16,8 +16,10 @@
 // negligible next to the GEMMs), so a test or benchmark can switch paths within one process.
 // T = the activation dtype, bf16 or fp16 (x, w13, w2 and inter all of it).
 // Limits (else cudaErrorNotSupported, before anything is launched): bf16 or fp16; H and I multiples of 8;
-// 1 <= E <= 256; R, E*2I and E*H below 2^31; all pointers 16-byte aligned; compute capability >= 8.0.
+// 1 <= E <= 256; R, E*2I and E*H below 2^31, tile count below 2^30; all pointers 16-byte aligned; compute
+// capability >= 8.0.
 // Numerics: fp32 accumulation; inter rounded to T (as the eager composite in T would); out_rows fp32.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -52,6 +54,10 @@ cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t 
   if (p.hidden <= 0 || p.inter_size <= 0 || p.hidden % 8 != 0 || p.inter_size % 8 != 0) return cudaErrorNotSupported;
   if (R >= kIntMax || p.experts * 2 * p.inter_size >= kIntMax || p.experts * p.hidden >= kIntMax)
     return cudaErrorNotSupported;
+  // Tile ids are int on the device: bound the largest tile count (64-row x 128-column tiles, sum over experts of
+  // ceil(rows_e / 64) <= R / 64 + E) with room for the persistent loop's tile += gridDim.x.
+  const int64_t max_n = std::max<int64_t>(2 * p.inter_size, p.hidden);
+  if ((R / 64 + p.experts) * ((max_n + 127) / 128) >= kIntMax / 2) return cudaErrorNotSupported;
   if (!aligned16(p.x) || !aligned16(p.w13) || !aligned16(p.w2) || !aligned16(p.inter) || !aligned16(p.out_rows))
     return cudaErrorNotSupported;
   if (p.sm_major < 8 || p.sm_count < 1) return cudaErrorNotSupported;

@@ -1,11 +1,12 @@
 // moe_route: softmax + top-k + renormalise + per-expert counts/offsets + expert-sorted permutation, fused.
 //
 // Top-k (one thread per token): the E logits of the row are read once, converted to fp32 and inserted into a
-// sorted list of k (value, id) pairs held in registers (k is a template parameter). Insertion uses strict '>' and
-// experts arrive in ascending index order, so among equal fp32 logits the lower expert index ranks first (the tie
-// rule; the reference gets the same from a stable descending sort). Weights: the renormalised top-k of the full
-// softmax equal the softmax over the k chosen logits, w_j = exp(l_j - l_0) / sum_i exp(l_i - l_0) in fp32, with
-// l_0 the largest (so every exponent is <= 0: no overflow; outliers of +-30 stay finite).
+// sorted list of k (value, id) pairs held in registers (k is a template parameter). Insertion uses a strict
+// comparison (ranks_above) and experts arrive in ascending index order, so among equal fp32 logits the lower
+// expert index ranks first (the tie rule; the reference gets the same from a stable descending sort). Weights:
+// the renormalised top-k of the full softmax equal the softmax over the k chosen logits,
+// w_j = exp(l_j - l_0) / sum_i exp(l_i - l_0) in fp32, with l_0 the largest (so every exponent is <= 0: no
+// overflow; outliers of +-30 stay finite).
 //
 // Permutation: row of (token t, slot j) choosing expert e = offsets[e] + #{tokens t' < t that chose e} (a token
 // chooses an expert at most once, so no tie between slots). Tokens are processed in tiles of blockDim tokens in
@@ -19,8 +20,9 @@
 // the E counts, and pass 2 (ranks, scatter): one launch. Larger T: three launches - count (one block per
 // kChunkTokens tokens; top-k, writes per-block counts to the workspace), scan (one block: per-expert exclusive
 // prefix over blocks plus the expert offsets, in place in the workspace), scatter (per block: pass 2 from its
-// base). Limits: E <= 64 (per-expert shared tables), k <= 4, T * k < 2^31. NaN logits are outside the contract
-// (they never displace a finite logit); the k ids are always distinct and valid.
+// base). Limits: E <= 64 (per-expert shared tables), k <= 4, T * k < 2^31. NaN logits rank above every number
+// (NaNs among themselves by index), as torch.sort / torch.topk order them, so the ids match the reference's (its
+// weights for such a row are NaN, as the kernel's are); the k ids are always distinct and valid.
 #include "device.cuh"
 #include "moe_route.h"
 
@@ -38,6 +40,10 @@ constexpr int kChunkTokens = 1024;  // tokens per block on the multi-block path 
 static_assert(kChunkTokens % kMultiThreads == 0, "a block's chunk must be whole tiles");
 static_assert(kSingleBlockThreads / 32 <= kMaxWarps && kMultiThreads / 32 <= kMaxWarps, "per-warp table size");
 
+// Whether logit a ranks strictly above b: '>' on numbers, NaN above every number (torch's sort order); never for
+// equal values or two NaNs, which keeps the earlier (lower-index) expert first.
+__device__ __forceinline__ bool ranks_above(float a, float b) { return a > b || (a != a && b == b); }
+
 // The k largest logits of one row, best first, ties toward the lower expert index, and their renormalised weights.
 template <typename T, int K>
 __device__ __forceinline__ void route_token(const T* __restrict__ row, int E, float (&w)[K], int (&id)[K]) {
@@ -50,13 +56,13 @@ __device__ __forceinline__ void route_token(const T* __restrict__ row, int E, fl
 #pragma unroll 4
   for (int e = 0; e < E; ++e) {
     const float v = to_float(row[e]);
-    if (id[K - 1] < 0 || v > val[K - 1]) {
+    if (id[K - 1] < 0 || ranks_above(v, val[K - 1])) {
       val[K - 1] = v;
       id[K - 1] = e;
-      // Bubble up with strict '>': an equal earlier (lower-index) expert keeps its place.
+      // Bubble up with a strict comparison: an equal earlier (lower-index) expert keeps its place.
 #pragma unroll
       for (int j = K - 1; j > 0; --j) {
-        if (id[j - 1] < 0 || val[j] > val[j - 1]) {
+        if (id[j - 1] < 0 || ranks_above(val[j], val[j - 1])) {
           const float tv = val[j]; val[j] = val[j - 1]; val[j - 1] = tv;
           const int ti = id[j]; id[j] = id[j - 1]; id[j - 1] = ti;
         }
