@@ -66,7 +66,8 @@ cudaError_t moe_grouped_gemm_launch(const MoeGroupedGemmParams& p, cudaStream_t 
   if (path == Path::kDecode) return cudaErrorNotSupported;
   if (path != Path::kSm80 && p.sm_major == 9 && moe_gemm::sm90_available()) {
     const cudaError_t err = moe_gemm::sm90_run(p, stream);
-    // NotSupported comes back only before any launch (no tensor-map encoder, too little shared memory).
+    // NotSupported comes back only before any launch (no tensor-map encoder, too little shared memory, or a
+    // register count that setmaxnreg cannot rebalance).
     if (err != cudaErrorNotSupported || path == Path::kSm90) return err;
   } else if (path == Path::kSm90) {
     return cudaErrorNotSupported;

@@ -68,6 +68,9 @@ __global__ void moe_gather_rows_kernel(const uint4* __restrict__ x, const int* _
 namespace {
 
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
+// setmaxnreg targets (registers per thread) of the producer and consumer warpgroups; see regs_ok.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
 constexpr int kBM = 128;
 constexpr int kBK = 64;
 constexpr int kABytes = kBM * kBK * 2;  // 16 KB
@@ -99,8 +102,13 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 }
 // Returns once the phase with this parity has completed. A fresh barrier is in phase 0, and parity 1 (the phase
 // "before" it) counts as completed, which lets the producer's first pass over the ring go through.
+// Any legitimate wait here lasts at most one k-tile load or one epilogue (microseconds); a wait of over 10 s of
+// GPU time means a protocol bug (e.g. a transaction count TMA never delivers), and traps: the launch then fails
+// with an error instead of hanging the process (and everything queued behind it) forever.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
+  uint32_t spins = 0;
+  uint64_t t0 = 0;
   do {
     asm volatile(
         "{\n"
@@ -111,6 +119,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+    if (!done && (++spins & 4095u) == 0) {
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+      if (t0 == 0) t0 = now;
+      else if (now - t0 > 10000000000ull) __trap();
+    }
   } while (!done);
 }
 
@@ -283,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_b)) : "memory");
@@ -307,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<kConsumerRegs>();
     const int c = wg - 1;                 // consumer: rows 64c .. 64c+63 of each tile
     const int warp = (threadIdx.x / 32) & 3;
     const int lane = threadIdx.x & 31;
@@ -454,6 +468,30 @@ Config choose(const MoeGroupedGemmParams& p, int64_t rows, int64_t n) {
   return c;
 }
 
+// setmaxnreg only moves registers within the CTA's pool (384 x R, R = the kernel's register count): the producer
+// warpgroup returns 128 x (R - kProducerRegs), the consumers then take 256 x (kConsumerRegs - R), and their
+// setmaxnreg.inc waits until the pool holds that many, forever if it never will. ptxas gives this kernel the
+// __launch_bounds__ maximum, R = 168, which balances exactly; a compiler that chose fewer registers would hang the
+// kernel, so such a build declines this path (the sm80 path runs instead).
+template <typename T, int BN, int STAGES, bool SWIGLU>
+bool regs_ok() {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, moe_gemm_sm90_kernel<T, BN, STAGES, SWIGLU>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return 128 * (attr.numRegs - kProducerRegs) >= 256 * (kConsumerRegs - attr.numRegs);
+}
+
+template <typename T, bool SWIGLU>
+bool config_regs_ok(const Config& c) {
+  if (c.bn == 256 && c.stages == 4) return regs_ok<T, 256, 4, SWIGLU>();
+  if (c.bn == 256 && c.stages == 3) return regs_ok<T, 256, 3, SWIGLU>();
+  if (c.bn == 128 && c.stages == 6) return regs_ok<T, 128, 6, SWIGLU>();
+  if (c.bn == 128 && c.stages == 4) return regs_ok<T, 128, 4, SWIGLU>();
+  return false;
+}
+
 template <typename T, bool SWIGLU>
 cudaError_t launch_config(const Config& c, const CUtensorMap& ma, const CUtensorMap& mb, const GemmArgs& g,
                           int64_t rows, int sm_count, cudaStream_t stream) {
@@ -491,6 +529,7 @@ cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
   const Config c1 = choose(p, R, 2 * I);
   const Config c2 = choose(p, R, H);
   if (c1.bn == 0 || c2.bn == 0) return cudaErrorNotSupported;
+  if (!config_regs_ok<T, true>(c1) || !config_regs_ok<T, false>(c2)) return cudaErrorNotSupported;
   void* x_perm = p.out_rows;  // [R, H] T scratch inside out_rows, see the header comment
   CUtensorMap a1, b1, a2, b2;
   if (!make_map(&a1, type, x_perm, R, H, kBM) || !make_map(&b1, type, p.w13, p.experts * 2 * I, H, c1.bn) ||

@@ -141,6 +141,9 @@ __device__ __forceinline__ void scatter_tile(const MoeRouteParams& p, int64_t t,
         if (lane >= o) incl += v;
       }
       if (lane < nwarps) s_warp[lane * kMaxE + e] = base + incl - c;
+      // Shuffles do not order shared-memory accesses: the barrier makes every lane's read of s_base[e] happen
+      // before lane 31 rewrites it (a write-after-read race under the CUDA memory model otherwise).
+      __syncwarp();
       if (lane == 31) s_base[e] = base + incl;  // lanes >= nwarps add 0: lane 31 holds the tile total
     }
   }
