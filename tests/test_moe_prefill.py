@@ -191,6 +191,22 @@ def test_sm90_path_uses_wgmma_and_tma(sass):
         assert not re.search(r"\b(LDL|STL)\b", s), f"{n}: local memory traffic (spills)"
 
 
+def test_sm90_register_count_lets_setmaxnreg_rebalance(sass):
+    """The producer warpgroup's setmaxnreg.dec to 40 must free what the consumers' setmaxnreg.inc to 232 takes
+    (kProducerRegs / kConsumerRegs in moe_gemm_sm90.cu), else the increase waits forever: with R registers per thread
+    at launch, 128 (R - 40) >= 256 (232 - R). The launcher declines such a build at run time (regs_ok); this
+    catches it at build time."""
+    if "90a" not in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";"):
+        pytest.skip("not built for sm_90a")
+    found = glob.glob(os.path.join(os.path.dirname(mixtral_ext.__file__), "_C*.so"))
+    text = subprocess.run([_cuobjdump(), "-res-usage", "-arch", "sm_90a", found[0]], capture_output=True, text=True,
+                          check=True).stdout
+    regs = dict(re.findall(r"Function (\S*moe_gemm_sm90_kernel\S*):\s*\n\s*REG:(\d+)", text))
+    assert regs, "no moe_gemm_sm90_kernel in cuobjdump -res-usage"
+    bad = {n: int(r) for n, r in regs.items() if 128 * (int(r) - 40) < 256 * (232 - int(r))}
+    assert not bad, f"register counts setmaxnreg cannot rebalance: {bad}"
+
+
 # ---- GPU ----------------------------------------------------------------------------------------------------------
 
 
