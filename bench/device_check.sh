@@ -29,7 +29,7 @@ echo "build: rc=$build_rc in $(( $(date +%s) - t0 )) s"; tail -3 "$out/build.log
 t1=$(date +%s)
 # One pytest process per test file, each with its own time limit, so a hung kernel costs one file, not the run.
 # -v prints one line per test as it finishes, so even a file killed by its limit leaves countable results.
-tests_budget=${DEVICE_CHECK_TEST_SECONDS:-200}
+tests_budget=${DEVICE_CHECK_TEST_SECONDS:-250}
 files=${DEVICE_CHECK_TESTS:-$(grep -l "mark.cuda" tests/test_rms_norm.py tests/test_rope.py tests/test_moe_route.py \
   tests/test_attention_decode.py tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_prefill.py \
   tests/test_model_cuda.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++')}
@@ -38,7 +38,7 @@ tests_rc=0
 for f in $files; do
   left=$(( tests_budget - ($(date +%s) - t1) ))
   if [ "$left" -lt 10 ]; then echo "NOT RUN (test time budget spent): $f" >> "$out/tests.log"; tests_rc=1; continue; fi
-  limit=$(( left < 90 ? left : 90 ))
+  limit=$(( left < 120 ? left : 120 ))
   echo "=== $f (limit ${limit}s)" >> "$out/tests.log"
   timeout "$limit" "$py" -m pytest "$f" -m cuda -v -p no:cacheprovider >> "$out/tests.log" 2>&1
   rc=$?

@@ -127,12 +127,20 @@ KERNEL_DTYPES = {
 }
 
 
-# Shapes the CUDA kernels specialise for (head_dim and query heads per KV head); other shapes (small test configs on
-# a GPU) run the reference rather than fail. Mixtral's own shapes (D = 128, 4 query heads per KV head) always qualify.
+def _group(q, k_cache):
+    """Query heads per KV head, or None for an invalid pairing (the kernel then raises its clear error)."""
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    return hq // hkv if hkv > 0 and hq >= hkv and hq % hkv == 0 else None
+
+
+# Shapes the CUDA kernels specialise for (head_dim and query heads per KV head); other valid shapes (small test
+# configs on a GPU) run the reference rather than fail. Mixtral's own (D = 128, 4 query heads per KV head) qualify.
 KERNEL_SHAPES = {
-    "attention_prefill": lambda q, k_cache, *_: q.shape[-1] == 128 and 128 % (q.shape[1] // k_cache.shape[2]) == 0,
-    "attention_decode": lambda q, k_cache, *_: (q.shape[-1] in (16, 32, 64, 128)
-                                                and q.shape[1] // k_cache.shape[2] in (1, 2, 4, 8)),
+    "attention_prefill": lambda q, k_cache, *_: (_group(q, k_cache) is None
+                                                 or (q.shape[-1] == 128 and 128 % _group(q, k_cache) == 0)),
+    "attention_decode": lambda q, k_cache, *_: (_group(q, k_cache) is None
+                                                or (q.shape[-1] in (16, 32, 64, 128)
+                                                    and _group(q, k_cache) in (1, 2, 4, 8))),
 }
 
 

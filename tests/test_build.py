@@ -103,11 +103,50 @@ def test_no_local_memory_spills(cuobjdump, built):
     assert not bad, "kernels using local memory (spills or dynamically indexed arrays):\n" + "\n".join(bad)
 
 
+# Every kernel the ops launch, by its unmangled base name; each must be in every architecture's image.
+KERNELS = ["rms_norm_kernel", "rope_kv_append_kernel", "attention_decode_kernel", "attention_decode_combine_kernel",
+           "attention_prefill_sm80_kernel", "attention_prefill_sm90_kernel", "moe_route_single_kernel",
+           "moe_route_count_kernel", "moe_route_scan_kernel", "moe_route_scatter_kernel", "moe_gemv_kernel",
+           "moe_combine_kernel", "moe_gemm_sm80_kernel", "moe_gemm_sm90_kernel", "moe_gather_rows_kernel"]
+TENSOR_CORE_SM80 = ["attention_prefill_sm80_kernel", "moe_gemm_sm80_kernel"]  # mma.sync: HMMA in every image
+TENSOR_CORE_SM90 = ["attention_prefill_sm90_kernel", "moe_gemm_sm90_kernel"]  # wgmma: HGMMA in the sm_90a image
+
+
+def _archs():
+    return ["sm_" + a for a in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";")]
+
+
+def _sass_by_kernel(tool, so, arch):
+    """{base kernel name: [SASS body of each instantiation]} for one architecture's image."""
+    out = {}
+    for (_, fn), body in _functions(_run(tool, "-sass", "-arch", arch, so)).items():
+        base = next((k for k in sorted(KERNELS, key=len, reverse=True) if k in fn), fn)
+        out.setdefault(base, []).append(body)
+    return out
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_every_kernel_is_built(cuobjdump, built, arch):
+    present = _sass_by_kernel(cuobjdump, built, arch)
+    missing = [k for k in KERNELS if k not in present]
+    assert not missing, f"kernels missing from the {arch} image: {missing}"
+
+
+@pytest.mark.parametrize("arch", _archs())
+def test_mma_sync_kernels_use_tensor_cores(cuobjdump, built, arch):
+    sass = _sass_by_kernel(cuobjdump, built, arch)
+    for k in TENSOR_CORE_SM80:
+        assert sass.get(k) and all("HMMA" in body for body in sass[k]), f"{k} has no HMMA in its {arch} SASS"
+
+
 def test_hopper_kernels_use_wgmma(cuobjdump, built):
-    """Every kernel named *sm90* must contain HGMMA in its sm_90a SASS (else it runs on a slower path)."""
-    if "90a" not in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";"):
+    """The Hopper kernels must contain HGMMA in their sm_90a SASS (else they run on a slower path), and so must
+    every other kernel named *sm90*."""
+    if "sm_90a" not in _archs():
         pytest.skip("not built for sm_90a")
     sass = _functions(_run(cuobjdump, "-sass", "-arch", "sm_90a", built))
     hopper = {fn: body for (_, fn), body in sass.items() if "sm90" in fn}
+    for k in TENSOR_CORE_SM90:
+        assert any(k in fn for fn in hopper), f"{k} is missing from the sm_90a image"
     lacking = [fn for fn, body in hopper.items() if "HGMMA" not in body]
     assert not lacking, f"sm90 kernels without HGMMA: {lacking}"
