@@ -4,6 +4,7 @@ and sm_90a present, no local-memory spills, tensor-core instructions where the k
 These run without a GPU. Where the extension was not built they skip, unless MIXTRAL_EXT_REQUIRE_BUILD=1 (CI sets it),
 in which case they fail.
 """
+import functools
 import glob
 import os
 import re
@@ -51,6 +52,7 @@ def cuobjdump(built):
     return tool
 
 
+@functools.lru_cache(maxsize=None)
 def _run(tool, *args):
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
