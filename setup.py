@@ -66,6 +66,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMIXTRAL_EXT_ARCH={os.environ.get('MIXTRAL_EXT_ARCH', '80;90a')}",
             f"-DMIXTRAL_EXT_OUTPUT={out}",
+            # CMake >= 4 (the pip wheel) refuses old policy minimums some dependency configs still declare.
+            "-DCMAKE_POLICY_VERSION_MINIMUM=3.5",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         # Prefer the cmake/ninja installed next to this interpreter (a venv) over the system ones.
