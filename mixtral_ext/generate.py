@@ -55,10 +55,18 @@ class DecodeState:
 
 
 def graphs_supported(model):
-    """CUDA graphs need every op to be a CUDA kernel: the reference fallbacks read device values on the host."""
+    """CUDA graphs need every op of the decode step to run a CUDA kernel for the model's dtype and shapes: the
+    reference fallbacks (ops._dispatch) read device values on the host (moe_experts' .tolist()), which capture
+    forbids. ops.KERNEL_SHAPES is asked about the decode step's own shapes, on meta tensors."""
     if model.device.type != "cuda":
         return False
-    return all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in ops.OP_NAMES)
+    if not all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in ops.OP_NAMES):
+        return False
+    cfg = model.config
+    meta = dict(device="meta", dtype=model.dtype)
+    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, **meta)  # [B, Hq, D]
+    k_cache = torch.empty(1, 1, cfg.num_key_value_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
+    return ops.KERNEL_SHAPES.get("attention_decode", lambda *a: True)(q, k_cache, k_cache)
 
 
 def decode_state(model, batch, needed, use_graph):
@@ -75,6 +83,9 @@ def decode_state(model, batch, needed, use_graph):
     try:
         state = DecodeState(model, batch, length, use_graph)
     except torch.cuda.OutOfMemoryError:
+        state = None
+    if state is None:
+        # Retried outside the except block: the exception's traceback holds the half-built state's tensors.
         states.clear()  # other batch sizes' caches are what is in the way
         torch.cuda.empty_cache()
         state = DecodeState(model, batch, length, use_graph)
