@@ -14,11 +14,15 @@ touches in expectation under uniform routing, lm_head, the KV cache) / measured 
 (projections, the tokens' 2 experts, causal attention) / measured bf16 matmul rate (bench/common.probe_device).
 vs transformers: MixtralForCausalLM (its default attention and MoE, DynamicCache) with the same weights at the
 same reduced depth (2 layers in --quick, 4 otherwise): decode steps and the prefill forward, timed the same way.
+Each measurement runs on its own: a failure (OOM, a kernel error) is listed under "errors" in the JSON and the rest
+still run; the JSON is rewritten after every section and on SIGTERM; --quick starts no measurement after 55 s
+(device_check.sh allows 75), listing what it left out under "skipped". Exit status 1 when anything failed.
 """
 import argparse
 import contextlib
 import gc
 import os
+import signal
 import sys
 import time
 
@@ -180,6 +184,9 @@ def main(argv=None):
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--probe-seconds", type=float, default=None)
     ap.add_argument("--model", default="mixtral-8x7b", help="a MixtralConfig preset (\"tiny\" for a smoke run)")
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="start no new measurement after this many seconds (default: 55 with --quick, which runs "
+                         "under a 75 s limit in device_check.sh; else none); skipped ones are listed in the JSON")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e: no CUDA GPU here; this benchmark times the model on a GPU", file=sys.stderr)
@@ -189,15 +196,72 @@ def main(argv=None):
     from mixtral_ext.weights import load_transformers_state, param_bytes
 
     t_start = time.time()
-    print(f"mixtral_ext extension: {mixtral_ext.EXTENSION_STATUS}")
-    device = common.probe_device(args.probe_seconds or (4.0 if args.quick else 10.0))
-    env = common.environment()
-    print(f"device: {device}\nenv: {env}")
+    budget = args.budget_seconds if args.budget_seconds is not None else (55.0 if args.quick else None)
+    decode_rows, prefill_rows, cmp_rows, errors, skipped = [], [], [], [], []
+    results = {"extension": mixtral_ext.EXTENSION_STATUS, "errors": errors, "skipped": skipped,
+               "benchmarks": {"decode": decode_rows, "prefill": prefill_rows, "vs_transformers": cmp_rows}}
+
+    def save():  # after every section, so a crash or the caller's time limit still leaves what was measured
+        results["seconds"] = round(time.time() - t_start, 1)
+        if args.json:
+            common.dump_json(args.json, results)
+
+    def attempt(what, fn, need=0.0):
+        """fn() or None: a failed measurement (OOM, a kernel error) is recorded and the others still run. Not
+        started (recorded as skipped) when fewer than `need` seconds of the budget are left."""
+        if budget is not None and time.time() - t_start > budget - need:
+            skipped.append(what)
+            return None
+        try:
+            return fn()
+        except Exception as exc:
+            errors.append(f"{what}: {type(exc).__name__}: {str(exc).strip()[:500]}")
+            print(f"bench_e2e: {what} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            free()
+            return None
+
+    def on_term(signum, frame):  # `timeout` in device_check.sh: keep what was measured
+        errors.append(f"bench_e2e: killed by signal {signum} after {time.time() - t_start:.0f} s")
+        save()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        print(f"mixtral_ext extension: {mixtral_ext.EXTENSION_STATUS}")
+        device = common.probe_device(args.probe_seconds or (4.0 if args.quick else 10.0))
+        results["device"] = device
+        try:
+            env = common.environment()
+        except Exception as exc:  # no git on the device: the commit comes from device_check.sh
+            env = {"commit": "unknown", "torch": torch.__version__, "environment_error": str(exc)}
+        if env.get("commit", "unknown") == "unknown":
+            env["commit"] = os.environ.get("MIXTRAL_EXT_COMMIT", "unknown")
+        results.update(env)
+        print(f"device: {device}\nenv: {env}")
+        save()
+        _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_rows, t_start,
+             MixtralConfig, load_transformers_state, param_bytes)
+    except Exception as exc:  # outside any one measurement (the probe, building the model): still write the JSON
+        errors.append(f"bench_e2e: {type(exc).__name__}: {str(exc).strip()[:500]}")
+        print(f"bench_e2e: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        save()
+        return 1
+    save()
+    if skipped:
+        print(f"bench_e2e: time budget ({budget:.0f} s) spent, skipped: {', '.join(skipped)}", file=sys.stderr)
+    if args.plot and decode_rows:
+        plot(args.plot, decode_rows, results["device"])
+    return 1 if errors else 0
+
+
+def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_rows, t_start, MixtralConfig,
+         load_transformers_state, param_bytes):
     cfg = MixtralConfig.from_name(args.model)
     full = cfg.num_hidden_layers
     batches = [1, 8, 64]
-    contexts = [128, 4096]
-    prompts = [512, 4096] if args.quick else [512, 4096, 16384]
+    # Within the preset's context (the "tiny" smoke preset has 4096 positions; Mixtral-8x7B 32768).
+    contexts = [c for c in (128, 4096) if c + 2 <= cfg.max_position_embeddings]
+    prompts = [n for n in ([512, 4096] if args.quick else [512, 4096, 16384]) if n <= cfg.max_position_embeddings]
     iters = 10 if args.quick else 30
 
     # Depth: the weights + the largest cache (batch 64 at 4096 tokens) + activations must fit; the transformers
@@ -211,52 +275,80 @@ def main(argv=None):
     note = (f"all {full} layers" if layers >= full else
             f"{layers} layers built, timed at {layers} and {max(1, layers // 2)}, extrapolated to {full}")
     print(f"depth: {note} (fits: {fit}); transformers comparison at {cmp_layers} layers")
+    results["depth"] = {"layers_built": layers, "note": note, "compare_layers": cmp_layers}
     model = random_model(dict_replace(cfg, num_hidden_layers=layers))
 
-    decode_rows, prefill_rows, cmp_rows = [], [], []
     for ctx in contexts:
         for B in batches:
-            ms32, _ = scaled(lambda: time_decode_ours(model, B, ctx, iters), model, layers, full)
+            what = f"decode B={B} ctx={ctx}"
+            got = attempt(what, lambda: scaled(lambda: time_decode_ours(model, B, ctx, iters), model, layers, full))
+            if got is None:
+                continue
+            ms32 = got[0]
             roof_ms = decode_bytes(cfg, B, ctx) / (device["copy_gbs"] * 1e9) * 1e3
             row = {"batch": B, "context": ctx, "ms_per_step": ms32, "tok_s": B / ms32 * 1e3,
                    "roofline_tok_s": B / roof_ms * 1e3, "pct_roofline": 100 * roof_ms / ms32,
                    "GB_per_step": decode_bytes(cfg, B, ctx) / 1e9}
             if B == 1:  # what the CUDA graph saves: the same step launched op by op
-                row["eager_ms_per_step"], _ = scaled(lambda: time_decode_ours(model, B, ctx, iters, graph=False),
-                                                     model, layers, full)
+                eager = attempt(f"{what} without graph",
+                                lambda: scaled(lambda: time_decode_ours(model, B, ctx, iters, graph=False),
+                                               model, layers, full))
+                row["eager_ms_per_step"] = eager[0] if eager else None
             decode_rows.append(row)
-            print(f"decode B={B} ctx={ctx}: {ms32:.2f} ms/step ({time.time() - t_start:.0f} s)", flush=True)
+            print(f"{what}: {ms32:.2f} ms/step ({time.time() - t_start:.0f} s)", flush=True)
+    save()
     for n in prompts:
-        ms32, _ = scaled(lambda: time_prefill_ours(model, n, max(2, iters // 5)), model, layers, full)
+        got = attempt(f"prefill n={n}",
+                      lambda: scaled(lambda: time_prefill_ours(model, n, max(2, iters // 5)), model, layers, full))
+        if got is None:
+            continue
+        ms32 = got[0]
         flops = prefill_flops(cfg, n)
         prefill_rows.append({"tokens": n, "ms": ms32, "tok_s": n / ms32 * 1e3, "TFLOP_s": flops / ms32 / 1e9,
                              "pct_matmul": 100 * flops / ms32 / 1e9 / device["bf16_matmul_tflops"]})
         print(f"prefill n={n}: {ms32:.1f} ms ({time.time() - t_start:.0f} s)", flush=True)
+    save()
 
     del model
     free()
-    hf = None if args.no_transformers else transformers_model(cfg, cmp_layers)
+    hf = None
+    if not args.no_transformers:
+        hf = attempt("transformers model", lambda: transformers_model(cfg, cmp_layers), need=15.0)
+    model = None
     if hf is not None:
-        model = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers))
-        load_transformers_state(hf.state_dict(), model.config, dict(model.named_parameters()))
+        def ours_like_hf():
+            m = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers))
+            load_transformers_state(hf.state_dict(), m.config, dict(m.named_parameters()))
+            return m
+        model = attempt("our model with transformers' weights", ours_like_hf)
+    if model is not None:
         cmp_contexts = [128] if args.quick else [128, 4096]
         for ctx in cmp_contexts:
             for B in batches:
                 if B * ctx > 64 * 1024:  # transformers would need a B x ctx prefill with its eager MoE first
                     continue
-                ours_ms = time_decode_ours(model, B, ctx, iters)
-                hf_ms = time_decode_hf(hf, B, ctx, max(5, iters // 2))
+                ours_ms = attempt(f"vs transformers: ours decode B={B} ctx={ctx}",
+                                  lambda: time_decode_ours(model, B, ctx, iters))
+                hf_ms = attempt(f"vs transformers: transformers decode B={B} ctx={ctx}",
+                                lambda: time_decode_hf(hf, B, ctx, max(5, iters // 2)))
                 free()
-                cmp_rows.append({"what": "decode", "batch": B, "context": ctx, "ours_ms": ours_ms, "hf_ms": hf_ms,
-                                 "ours_tok_s": B / ours_ms * 1e3, "hf_tok_s": B / hf_ms * 1e3,
-                                 "speedup": hf_ms / ours_ms})
+                if ours_ms is not None and hf_ms is not None:
+                    cmp_rows.append({"what": "decode", "batch": B, "context": ctx, "ours_ms": ours_ms,
+                                     "hf_ms": hf_ms, "ours_tok_s": B / ours_ms * 1e3, "hf_tok_s": B / hf_ms * 1e3,
+                                     "speedup": hf_ms / ours_ms})
+            save()
         for n in prompts[:2]:
-            ours_ms = time_prefill_ours(model, n, 3)
-            hf_ms = time_prefill_hf(hf, n, 3)
+            ours_ms = attempt(f"vs transformers: ours prefill n={n}", lambda: time_prefill_ours(model, n, 3))
+            hf_ms = attempt(f"vs transformers: transformers prefill n={n}", lambda: time_prefill_hf(hf, n, 3))
             free()
-            cmp_rows.append({"what": "prefill", "batch": 1, "context": n, "ours_ms": ours_ms, "hf_ms": hf_ms,
-                             "ours_tok_s": n / ours_ms * 1e3, "hf_tok_s": n / hf_ms * 1e3, "speedup": hf_ms / ours_ms})
+            if ours_ms is not None and hf_ms is not None:
+                cmp_rows.append({"what": "prefill", "batch": 1, "context": n, "ours_ms": ours_ms, "hf_ms": hf_ms,
+                                 "ours_tok_s": n / ours_ms * 1e3, "hf_tok_s": n / hf_ms * 1e3,
+                                 "speedup": hf_ms / ours_ms})
+        save()
         print(f"transformers comparison done ({time.time() - t_start:.0f} s)", flush=True)
+    del model, hf
+    free()
 
     common.print_table(f"Decode, bf16, {args.model} ({note}); roofline: bytes per step / {device['copy_gbs']} GB/s",
                        decode_rows,
@@ -274,14 +366,9 @@ def main(argv=None):
                            [("what", "", None), ("batch", "batch", None), ("context", "context/prompt", None),
                             ("ours_tok_s", "ours tok/s", "{:.1f}"), ("hf_tok_s", "transformers tok/s", "{:.1f}"),
                             ("speedup", "speedup", "{:.1f}x")])
+    for e in results["errors"]:
+        print(f"ERROR {e}")
     print(f"\nbench_e2e: {time.time() - t_start:.0f} s")
-    results = {"device": device, **env, "depth": {"layers_built": layers, "note": note, "compare_layers": cmp_layers},
-               "benchmarks": {"decode": decode_rows, "prefill": prefill_rows, "vs_transformers": cmp_rows}}
-    if args.json:
-        common.dump_json(args.json, results)
-    if args.plot:
-        plot(args.plot, decode_rows, device)
-    return 0
 
 
 def dict_replace(cfg, **kw):

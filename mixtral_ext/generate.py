@@ -12,10 +12,15 @@ streaming, which must hand the tokens over anyway). Elsewhere the same step runs
 
 Logits processing follows transformers' order: repetition penalty, then (sampling only) temperature, top-k, top-p.
 """
+import warnings
+
 import torch
 
 from . import ops
 from .model import KVCache
+
+
+_CAPTURE_STREAMS = {}  # CUDA device index -> the stream decode steps are captured on
 
 
 class DecodeState:
@@ -29,21 +34,32 @@ class DecodeState:
         self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)  # [B] its slot in the cache
         self.seq_ids = torch.arange(batch, dtype=torch.int32, device=dev)  # [B] decode: sequence b is cache row b
         self.graph, self.logits = None, None
+        # The weights' addresses, which a captured graph has baked in: model.to(), .half() or swapped layers move
+        # them, and then this state must not be replayed (decode_state builds a new one).
+        self.weights = weights_key(model)
         if use_graph:
             self._capture(model)
 
     def _capture(self, model):
-        # Warm-up on a side stream first (cuBLAS workspaces, lazy initialisation), as CUDA-graph capture requires.
+        # Warm-up first, on a side stream as CUDA-graph capture requires (lazy initialisation, the kernels' cached
+        # attributes): on the capture stream itself, so that its cuBLAS workspace exists before capture too.
         # It writes cache slot 0 of every row, which the next prefill overwrites before anything reads it.
-        side = torch.cuda.Stream(device=model.device)
-        side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)  # [B, V]
+        # The model's device is made current: the ops launch on the current stream of their tensors' device, which
+        # must be the capture stream (one per device, like torch.cuda.graph's default, which lives on one device).
+        with torch.cuda.device(model.device):
+            index = torch.cuda.current_device()
+            if index not in _CAPTURE_STREAMS:
+                _CAPTURE_STREAMS[index] = torch.cuda.Stream()
+            stream = _CAPTURE_STREAMS[index]
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self.logits = model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)  # [B, V]
+            self.graph = graph
 
     def step(self, model):
         """Logits [B, V] of the tokens in self.tokens at self.positions (the graph's output buffer when captured:
@@ -52,6 +68,11 @@ class DecodeState:
             self.graph.replay()
             return self.logits
         return model.decode_step(self.tokens, self.positions, self.seq_ids, self.cache)
+
+
+def weights_key(model):
+    """The addresses of the model's parameters (what a captured decode step reads)."""
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 def graphs_supported(model):
@@ -66,14 +87,25 @@ def graphs_supported(model):
     meta = dict(device="meta", dtype=model.dtype)
     q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, **meta)  # [B, Hq, D]
     k_cache = torch.empty(1, 1, cfg.num_key_value_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
-    return ops.KERNEL_SHAPES.get("attention_decode", lambda *a: True)(q, k_cache, k_cache)
+    E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    x = torch.empty(1, H, **meta)
+    w13, w2 = torch.empty(E, 2 * I, H, **meta), torch.empty(E, H, I, **meta)
+    return (ops.KERNEL_SHAPES["attention_decode"](q, k_cache, k_cache)
+            and ops.KERNEL_SHAPES["moe_route"](torch.empty(1, E, **meta), k)
+            and ops.KERNEL_SHAPES["moe_experts"](x, None, None, None, None, None, w13, w2))
 
 
-def decode_state(model, batch, needed, use_graph):
-    """The model's DecodeState for this batch size, reused while its cache is long enough."""
+def decode_state(model, batch, needed, use_graph, fallback=False):
+    """The model's DecodeState for this batch size, reused while its cache is long enough. fallback: a failed
+    capture gives eager steps (with a warning, and no further capture attempts on this model) instead of the
+    error."""
+    if needed > model.config.max_position_embeddings:  # the rope table's rows: a later position would index past it
+        raise ValueError(f"a decode state for {needed} positions exceeds max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
     states = model._decode_states
     state = states.get(batch)
-    if state is not None and state.length >= needed and (state.graph is not None) == use_graph:
+    if (state is not None and state.length >= needed and (state.graph is not None) == use_graph
+            and state.weights == weights_key(model)):
         return state
     states.pop(batch, None)
     state = None
@@ -81,16 +113,30 @@ def decode_state(model, batch, needed, use_graph):
     if model.device.type == "cuda":  # round up so later calls with slightly longer prompts reuse the graph
         length = min(-(-needed // 256) * 256, model.config.max_position_embeddings)
     try:
-        state = DecodeState(model, batch, length, use_graph)
+        state = _new_state(model, batch, length, use_graph, fallback)
     except torch.cuda.OutOfMemoryError:
         state = None
     if state is None:
         # Retried outside the except block: the exception's traceback holds the half-built state's tensors.
         states.clear()  # other batch sizes' caches are what is in the way
         torch.cuda.empty_cache()
-        state = DecodeState(model, batch, length, use_graph)
+        state = _new_state(model, batch, length, use_graph, fallback)
     states[batch] = state
     return state
+
+
+def _new_state(model, batch, length, use_graph, fallback):
+    try:
+        return DecodeState(model, batch, length, use_graph)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if not (use_graph and fallback):
+            raise
+        model._graph_capture_error = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"mixtral_ext: CUDA-graph capture of the decode step failed ({model._graph_capture_error}); "
+                  f"decoding with eager steps", RuntimeWarning, stacklevel=3)
+    return DecodeState(model, batch, length, False)
 
 
 def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
@@ -102,7 +148,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     (prompts of different lengths, run ragged). Sampling (do_sample=True) draws from softmax(scores) after the
     processors; `seed` makes it reproducible (a generator of its own; None uses torch's global RNG). eos_token_id:
     int, list of ints, or None for the config's; [] disables stopping. pad_token_id: None = the config's, else the
-    first EOS id, else 0. use_cuda_graph: None = whenever possible, False = eager steps, True = required.
+    first EOS id, else 0. use_cuda_graph: None = whenever possible (eager steps, with a warning, if a capture
+    fails), False = eager steps, True = required.
 
     Returns a LongTensor [B, max_b n_b + new] (on input_ids' device for a tensor, else the CPU), prompts left-padded,
     new = max_new_tokens, or fewer when every sequence has emitted an EOS (as transformers). With stream=True,
@@ -143,8 +190,11 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
         raise ValueError(f"use_cuda_graph=True needs a CUDA model whose every op has a CUDA kernel for "
                          f"{model.dtype} (device {model.device}, extension: {ops.EXTENSION_STATUS})")
     use_graph = can_graph if use_cuda_graph is None else bool(use_cuda_graph)
+    if use_cuda_graph is None and getattr(model, "_graph_capture_error", None):
+        use_graph = False  # a capture already failed on this model (warned then)
     steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
-                      float(repetition_penalty), eos, pad, seed, stream, use_graph, sync_every, out_device)
+                      float(repetition_penalty), eos, pad, seed, stream, use_graph, use_cuda_graph is None,
+                      sync_every, out_device)
     if stream:
         return steps
     while True:
@@ -187,14 +237,14 @@ def _prompts(input_ids, vocab_size):
 
 @torch.inference_mode()
 def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, penalty, eos, pad, seed, stream,
-              use_graph, sync_every, out_device):
+              use_graph, graph_fallback, sync_every, out_device):
     dev, V = model.device, model.config.vocab_size
     B, lens = len(prompts), [len(p) for p in prompts]
     longest = max(lens)
     new = torch.full((B, max_new), pad, dtype=torch.long, device=dev)  # [B, new]
     n_keep = 0
     if max_new > 0:
-        state = decode_state(model, B, longest + max_new, use_graph)
+        state = decode_state(model, B, longest + max_new, use_graph, graph_fallback)
         logits = model.prefill(prompts, state.cache)  # [B, V]
         state.positions.copy_(torch.tensor(lens, dtype=torch.int32))
         generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None

@@ -141,6 +141,10 @@ KERNEL_SHAPES = {
     "attention_decode": lambda q, k_cache, *_: (_group(q, k_cache) is None
                                                 or (q.shape[-1] in (16, 32, 64, 128)
                                                     and _group(q, k_cache) in (1, 2, 4, 8))),
+    # Up to 64 experts and 4 per token; hidden and expert widths in whole 16-byte vectors.
+    "moe_route": lambda logits, top_k: logits.shape[-1] <= 64 and top_k <= 4,
+    "moe_experts": lambda x, *route_w13_w2: (x.shape[-1] % 8 == 0 and route_w13_w2[-1].shape[-1] % 8 == 0
+                                            and route_w13_w2[-2].shape[0] <= 64),
 }
 
 

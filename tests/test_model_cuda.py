@@ -1,6 +1,7 @@
 """The model on the GPU through the CUDA kernels (marker `cuda`): bf16 against transformers' bf16 and float32
 MixtralForCausalLM on the same GPU with the same weights (small configs and Mixtral's real hidden/head/expert sizes
-with 2 layers), CUDA-graph replay equal to eager steps, batched equal to one by one, seeded sampling, determinism,
+with 2 layers), CUDA-graph replay equal to eager steps (also across batch-size changes and a cache that is outgrown,
+and with sequences stopping at different steps), batched equal to one by one, seeded sampling, determinism,
 no host synchronisation inside a decode step, loading straight to the GPU, the early out-of-memory error.
 
 bf16 is not bitwise comparable across implementations, and random-weight MoE models sit on router near-ties now
@@ -129,6 +130,11 @@ def assert_logits_2x(out, ref32, ref16, what, quantile=0.75):
 def test_the_cuda_path_is_active(kernels):
     ours, _, _ = models("gqa8")
     assert graphs_supported(ours), "every op should have a CUDA kernel for bf16"
+    ours.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=[])  # the default: graphs whenever possible
+    assert getattr(ours, "_graph_capture_error", None) is None and ours._decode_states[1].graph is not None
+    # Shapes the decode kernel does not take (head_dim 96) run the reference there: no graph for such a model.
+    odd = mx.Mixtral(mx.MixtralConfig.from_name("tiny", head_dim=96), device="cuda", dtype=torch.bfloat16)
+    assert not graphs_supported(odd)
 
 
 @pytest.mark.parametrize("name", SMALL + ["real_2layers"])
@@ -168,6 +174,48 @@ def test_graph_replay_equals_eager(kernels, name):
         eager = ours.generate(prompts, max_new_tokens=24, eos_token_id=[], use_cuda_graph=False, **kw)
         assert ours._decode_states[4].graph is None
         assert torch.equal(graphed, eager), kw
+    ours.release_cache()
+
+
+def test_graph_states_across_calls(kernels):
+    """Batch sizes changing between calls, a reused graph, and a longer prompt that outgrows the captured cache (a
+    fresh capture): each graphed run equals the eager one."""
+    ours, _, _ = models("gqa8")
+    ours.release_cache()
+    runs = [[5, 9, 2], [7], [3, 12, 8], [300, 4, 1]]  # batch 3, 1, 3 (the graph reused), 3 (cache outgrown: 256)
+    prompts = [_prompts(1000, lens, 20 + i) for i, lens in enumerate(runs)]
+    graphed, graphs = [], []
+    for p in prompts:
+        graphed.append(ours.generate(p, max_new_tokens=10, eos_token_id=[], use_cuda_graph=True))
+        state = ours._decode_states[len(p)]
+        assert state.graph is not None and state.length >= max(map(len, p)) + 10
+        graphs.append(state.graph)
+    assert graphs[2] is graphs[0], "the batch-3 graph should be reused"
+    assert graphs[3] is not graphs[2], "a longer prompt needs a longer cache and a new graph"
+    ours.release_cache()
+    for p, g in zip(prompts, graphed):
+        assert torch.equal(g, ours.generate(p, max_new_tokens=10, eos_token_id=[], use_cuda_graph=False)), \
+            [len(x) for x in p]
+    ours.release_cache()
+
+
+@pytest.mark.parametrize("sync_every", [1, 8])
+def test_eos_at_different_steps_with_graphs(kernels, sync_every):
+    """Sequences stopping at different steps on the graphed path: each row equals the no-EOS run up to its first
+    EOS and pads after it, and the columns end at the last sequence's EOS (transformers' semantics)."""
+    ours, _, _ = models("gqa8")
+    prompts = _prompts(1000, [6, 11, 3], 8)
+    n, new = 11, 24
+    full = ours.generate(prompts, max_new_tokens=new, eos_token_id=[])[:, n:].tolist()  # [3, 24] new tokens
+    eos = [full[0][2], full[1][9]]  # row 0 stops by step 2, row 1 by step 9; row 2 only if it meets one of them
+    out = ours.generate(prompts, max_new_tokens=new, eos_token_id=eos, pad_token_id=999, sync_every=sync_every)
+    assert ours._decode_states[3].graph is not None
+    stops = [next((i for i, t in enumerate(row) if t in eos), None) for row in full]
+    keep = new if None in stops else max(stops) + 1
+    expected = [row[:stop + 1] + [999] * (new - stop - 1) if stop is not None else row
+                for row, stop in zip(full, stops)]
+    assert out.shape == (3, n + keep)
+    assert out[:, n:].tolist() == [row[:keep] for row in expected]
     ours.release_cache()
 
 
