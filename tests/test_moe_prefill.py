@@ -12,7 +12,6 @@ smallest T values must move with it (the kernel-name check then says so).
 import glob
 import os
 import re
-import shutil
 import subprocess
 import warnings
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import mixtral_ext
 from mixtral_ext import reference
 from numerics import assert_2x_rule
+from test_build import _cuobjdump
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
@@ -135,14 +135,6 @@ def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="
 
 
 # ---- CPU: static checks on the machine code -----------------------------------------------------------------------
-
-
-def _cuobjdump():
-    here = os.path.join(os.path.dirname(torch.__file__), "..", "triton", "backends", "nvidia", "bin", "cuobjdump")
-    for cand in (here, shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
 
 
 @pytest.fixture(scope="module")
