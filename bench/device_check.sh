@@ -13,7 +13,6 @@ py=${PYTHON:-python3}
 stamp=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 export MIXTRAL_EXT_COMMIT=${MIXTRAL_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 echo "device_check: $stamp commit $MIXTRAL_EXT_COMMIT -> $out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/nvidia-smi.txt" 2>&1
 
 t0=$(date +%s)
 export MIXTRAL_EXT_ARCH=90a MAX_JOBS=$(nproc) MIXTRAL_EXT_CUDA=1
@@ -21,7 +20,8 @@ export MIXTRAL_EXT_ARCH=90a MAX_JOBS=$(nproc) MIXTRAL_EXT_CUDA=1
 if [ "${DEVICE_CHECK_SKIP_BUILD:-0}" = 1 ]; then
   echo "build skipped (DEVICE_CHECK_SKIP_BUILD=1)" > "$out/build.log"; build_rc=0
 else
-  timeout 180 "$py" -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    timeout 180 "$py" -m pip install --no-build-isolation --no-deps -e . 2>&1; } > "$out/build.log"
   build_rc=$?
 fi
 echo "build: rc=$build_rc in $(( $(date +%s) - t0 )) s"; tail -3 "$out/build.log"
@@ -57,3 +57,6 @@ echo "benchmarks: kernels rc=$kb_rc e2e rc=$e2e_rc in $(( $(date +%s) - t2 )) s"
 
 "$py" bench/device_check_report.py "$out" --stamp "$stamp" --build-rc $build_rc --tests-rc $tests_rc \
   --bench-rc $kb_rc --e2e-rc $e2e_rc --seconds $(( $(date +%s) - t0 ))
+# The device tool brings back at most 8 files: the benchmarks' JSON now lives inside results.json.
+[ -s "$out/results.json" ] && rm -f "$out/bench_kernels.json" "$out/bench_e2e.json"
+ls "$out"
