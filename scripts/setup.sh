@@ -12,6 +12,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
 python -c 'import torch' 2>/dev/null || pip_q "${TORCH_SPEC:-torch==2.14.1}"
+# --no-build-isolation builds with this venv's setuptools: it needs one with bdist_wheel built in (>= 70.1).
+python -c 'import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' \
+  2>/dev/null || pip_q "setuptools>=70.1"
 command -v ninja >/dev/null || pip_q ninja
 cmake_ok=$(python - <<'PY'
 import re, shutil, subprocess
