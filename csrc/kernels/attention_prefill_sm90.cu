@@ -50,6 +50,7 @@
 // attention_prefill_sm90_available() (the loaded binary's architecture) before choosing this path.
 #include "attention_prefill.h"
 #include "device.cuh"
+#include "sm90.cuh"
 
 namespace mixtral {
 namespace {
@@ -71,11 +72,8 @@ static_assert(kBM == 128 && kBN == 128 && kD == 128, "tile shapes are fixed: 2 x
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "setmaxnreg budgets exceed the register file");
 static_assert(kSmemBytes <= 232448, "over the sm_90 227 KiB dynamic shared-memory limit");
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MIXTRAL_SM90A 1
-#endif
-
 #ifdef MIXTRAL_SM90A
+using namespace sm90;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Byte offset of 16-byte chunk c (0..15) of row r in a [2][128][128 B] swizzled tile (see the header).
@@ -92,103 +90,40 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-               " selp.u32 %0, 1, 0, p;\n}\n"
-               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
-}
-// The producer's wait, with a watchdog: no legitimate wait for a stage lasts more than microseconds (one tile's
-// matmuls), so one still pending after 10 s means a synchronisation bug, and trapping turns that hang into a
-// reported launch error (which also ends consumers stuck on a "full" barrier). The consumers keep the plain wait: a
-// timer there costs registers the wgmma pipeline needs (ptxas then serialises the wgmmas).
-constexpr uint64_t kWatchdogNs = 10000000000ull;
+// The producer's wait, with the watchdog of sm90.cuh (a trap also ends consumers stuck on a "full" barrier). The
+// consumers keep the plain wait: a timer there costs registers the wgmma pipeline needs (ptxas then serialises the
+// wgmmas).
 __device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
   if (mbar_try_wait(bar, parity)) return;
-  const uint64_t t0 = global_ns();
+  const uint64_t t0 = globaltimer_ns();
   while (!mbar_try_wait(bar, parity)) {
-    if (global_ns() - t0 > kWatchdogNs) __trap();
+    if (globaltimer_ns() - t0 > kWatchdogNs) __trap();
   }
 }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void keep_regs(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-template <int N> __device__ __forceinline__ void keep_regs(uint32_t (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
 
-__device__ __forceinline__ uint64_t desc_kmajor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-__device__ __forceinline__ uint64_t desc_nmajor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1024 >> 4} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
-
-// S (64 x 128, f32) (+)= A (64 x 16, smem, K-major) * B (16 x 128, smem, K-major); accumulate iff acc != 0.
-#define MIXTRAL_WGMMA_SS(TY)                                                                                       \
-  asm volatile(                                                                                                   \
-      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                                                              \
-      " wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                               \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                   \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                          \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                          \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                         \
-      "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                             \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),      \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),    \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),    \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),    \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),    \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),    \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])     \
-      : "l"(da), "l"(db), "r"(acc))
+// S (64 x 128, f32) (+)= A (64 x 16, smem) * B (16 x 128, smem), both K-major; accumulate iff acc != 0.
+#define ATTN_WGMMA_SS(TY)                                                                           \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                                     \
+               " wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" MIXTRAL_WGMMA_R64 "}, " \
+               "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                      \
+               : MIXTRAL_WGMMA_D64                                                                  \
+               : "l"(da), "l"(db), "r"(acc))
 
 // O (64 x 64, f32) += A (64 x 16, registers) * B (16 x 64, smem, N-major: imm-trans-b = 1).
-#define MIXTRAL_WGMMA_RS(TY)                                                                                       \
-  asm volatile(                                                                                                   \
-      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                                              \
-      " wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                                                \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                   \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                         \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                               \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),      \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),    \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])     \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+#define ATTN_WGMMA_RS(TY)                                                                           \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                     \
+               " wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" MIXTRAL_WGMMA_R32 "}, " \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
+               : MIXTRAL_WGMMA_D32                                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
 
 template <typename T> struct Wgmma;
 template <> struct Wgmma<__nv_bfloat16> {
   __device__ __forceinline__ static void ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    MIXTRAL_WGMMA_SS("bf16");
+    ATTN_WGMMA_SS("bf16");
   }
   __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    MIXTRAL_WGMMA_RS("bf16");
+    ATTN_WGMMA_RS("bf16");
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -197,18 +132,18 @@ template <> struct Wgmma<__nv_bfloat16> {
 };
 template <> struct Wgmma<__half> {
   __device__ __forceinline__ static void ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    MIXTRAL_WGMMA_SS("f16");
+    ATTN_WGMMA_SS("f16");
   }
   __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    MIXTRAL_WGMMA_RS("f16");
+    ATTN_WGMMA_RS("f16");
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
 };
-#undef MIXTRAL_WGMMA_SS
-#undef MIXTRAL_WGMMA_RS
+#undef ATTN_WGMMA_SS
+#undef ATTN_WGMMA_RS
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;  // ex2.approx(-inf) = +0, which the masking relies on
@@ -242,7 +177,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(const AttentionPrefillParams p) {
 #ifdef MIXTRAL_SM90A
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t s_q = base, s_k = base + kKOff, s_v = base + kVOff;
   const uint32_t full_bar = base + kBarOff;  // full[s] at full_bar + 8 s, empty[s] at empty_bar + 8 s
   const uint32_t empty_bar = full_bar + 8 * kStages;
@@ -261,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------- producer ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    setmaxnreg_dec<kProducerRegs>();
     const int tid = threadIdx.x;
     const T* q = static_cast<const T*>(p.q);
 #pragma unroll 4
@@ -305,14 +240,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     }
   } else {
     // ---------------- consumers ----------------
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    setmaxnreg_inc<kConsumerRegs>();
     using W = Wgmma<T>;
     // O (+)= P V for one tile: 8 k-steps of 16 keys, each as two N = 64 halves of the head dim.
     auto pv_issue = [](float (&o)[2][32], const uint32_t (&pa)[kBN / 16][4], uint32_t sv) {
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        W::rs(o[0], pa[kk], desc_nmajor(sv + kk * 2048));
-        W::rs(o[1], pa[kk], desc_nmajor(sv + kHalfBytes + kk * 2048));
+        W::rs(o[0], pa[kk], desc_sw128_nmajor(sv + kk * 2048));
+        W::rs(o[1], pa[kk], desc_sw128_nmajor(sv + kHalfBytes + kk * 2048));
       }
     };
     const int cw = wg - 1;                       // consumer warpgroup: rows 64 cw .. 64 cw + 63
@@ -354,16 +289,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       // is taken from the current (landed, finite) stage, so O stays 0; issuing it anyway keeps every wgmma on a
       // non-divergent path (ptxas serialises wgmma under a branch).
       asm volatile("bar.sync %0, 256;\n" ::"r"(my_turn) : "memory");
-      wg_fence();
+      wgmma_fence();
       pv_issue(o, pa, s_v + ((it > 0 ? it - 1 : it) % kStages) * kTileBytes);
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t koff = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
-        W::ss(s, desc_kmajor(s_q + 64 * cw * 128 + koff), desc_kmajor(sk + koff), kk > 0);
+        W::ss(s, desc_sw128_kmajor(s_q + 64 * cw * 128 + koff), desc_sw128_kmajor(sk + koff), kk > 0);
       }
-      wg_commit();
+      wgmma_commit();
       if (!(cw == 1 && it == bg.n_tiles - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(their_turn) : "memory");
-      wg_wait0();
+      wgmma_wait<0>();
       keep_regs(s);
       keep_regs(o[0]);
       keep_regs(o[1]);
@@ -426,10 +361,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       }
     }
     // The last tile's P V (unconditional for the same reason; with no tile at all O is never read).
-    wg_fence();
+    wgmma_fence();
     pv_issue(o, pa, s_v + ((bg.n_tiles + kStages - 1) % kStages) * kTileBytes);
-    wg_commit();
-    wg_wait0();
+    wgmma_commit();
+    wgmma_wait<0>();
     keep_regs(o[0]);
     keep_regs(o[1]);
 

@@ -48,6 +48,7 @@
 #include <type_traits>
 
 #include "moe_gemm_common.cuh"
+#include "sm90.cuh"
 
 namespace mixtral {
 namespace moe_gemm {
@@ -84,46 +85,23 @@ constexpr int sm90_smem_bytes() {
   return STAGES * (kABytes + b_bytes<BN>()) + 1024;  // + slack to align the ring to 1024 bytes
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MOE_SM90_ENABLED 1
+#ifdef MIXTRAL_SM90A
+using namespace sm90;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Returns once the phase with this parity has completed. A fresh barrier is in phase 0, and parity 1 (the phase
-// "before" it) counts as completed, which lets the producer's first pass over the ring go through.
-// Any legitimate wait here lasts at most one k-tile load or one epilogue (microseconds); a wait of over 10 s of
-// GPU time means a protocol bug (e.g. a transaction count TMA never delivers), and traps: the launch then fails
-// with an error instead of hanging the process (and everything queued behind it) forever.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
+// Every wait here (producer and consumers alike) has the watchdog of sm90.cuh: any legitimate wait lasts at most one
+// k-tile load or one epilogue, and a protocol bug (e.g. a transaction count TMA never delivers) traps instead of
+// hanging the process and everything queued behind it. The timer is read once per 4096 failed polls, which keeps
+// it off the consumers' fast path.
+__device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
+  bool done;
   uint32_t spins = 0;
   uint64_t t0 = 0;
   do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+    done = mbar_try_wait(bar, parity);
     if (!done && (++spins & 4095u) == 0) {
-      uint64_t now;
-      asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+      const uint64_t now = globaltimer_ns();
       if (t0 == 0) t0 = now;
-      else if (now - t0 > 10000000000ull) __trap();
+      else if (now - t0 > kWatchdogNs) __trap();
     }
   } while (!done);
 }
@@ -138,77 +116,22 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// wgmma operand lists: the accumulators d[0 .. N/2) as "+f" operands %0 .. %(N/2 - 1), then desc_a, desc_b and the
-// scale-d flag. The instruction is issued by the whole warpgroup; A and B come from shared memory (descriptors).
-#define MOE_SM90_D128 \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-#define MOE_SM90_R128 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "\
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "\
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "\
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "\
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "\
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define MOE_SM90_D64 \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define MOE_SM90_R64 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "\
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "\
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "\
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-
 // d[0..127] += A(64 x 16, smem) * B(256 x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MOE_SM90_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-        : MOE_SM90_D128
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MIXTRAL_WGMMA_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MIXTRAL_WGMMA_D128
         : "l"(desc_a), "l"(desc_b), "r"(1)
         : "memory");
   } else {
     static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" MOE_SM90_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-        : MOE_SM90_D128
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" MIXTRAL_WGMMA_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : MIXTRAL_WGMMA_D128
         : "l"(desc_a), "l"(desc_b), "r"(1)
         : "memory");
   }
@@ -220,16 +143,16 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MOE_SM90_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : MOE_SM90_D64
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MIXTRAL_WGMMA_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : MIXTRAL_WGMMA_D64
         : "l"(desc_a), "l"(desc_b), "r"(1)
         : "memory");
   } else {
     static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" MOE_SM90_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : MOE_SM90_D64
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" MIXTRAL_WGMMA_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : MIXTRAL_WGMMA_D64
         : "l"(desc_a), "l"(desc_b), "r"(1)
         : "memory");
   }
@@ -244,23 +167,6 @@ __device__ __forceinline__ void wgmma_tile(float* d, uint64_t desc_a, uint64_t d
     wgmma_m64n128k16<T>(d, desc_a, desc_b);
 }
 
-// Pins the accumulators in program order relative to the surrounding asm statements (the zeroing must precede
-// the first wgmma, the epilogue's reads must follow wgmma.wait_group), since the compiler sees no dependency
-// between the asynchronous wgmma and those ordinary instructions.
-template <int N>
-__device__ __forceinline__ void fence_accumulators(float* d) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-template <int R>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
-}
-template <int R>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
-}
 #endif
 
 // SWIGLU: GEMM1 (A = x_perm, silu(gate)*up epilogue into inter T [R, N/2]); else GEMM2 (fp32 out [R, N]).
@@ -268,7 +174,7 @@ template <typename T, int BN, int STAGES, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                          GemmArgs g) {
-#ifdef MOE_SM90_ENABLED
+#ifdef MIXTRAL_SM90A
   static_assert(STAGES >= 3, "at least 3 stages");
   constexpr int kBBytes = b_bytes<BN>();
   constexpr int kStageBytes = kABytes + kBBytes;
@@ -308,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const Tile tl = decode_tile(tile, e, kBM, BN, s_off, s_tiles);
         const int b_row = tl.e * g.n + tl.n0;  // row of the [E*N, K] weight view
         for (int kt = 0; kt < ktiles; ++kt) {
-          mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1);
+          mbar_wait_watchdog(smem_u32(&empty_bar[stage]), phase ^ 1);
           const uint32_t fb = smem_u32(&full_bar[stage]);
           mbar_arrive_expect_tx(fb, kStageBytes);  // whole boxes count, zero-filled parts included
           tma_load_2d(sA + stage * kABytes, &tm_a, kt * kBK, tl.m0, fb);
@@ -333,13 +239,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       float d[kAcc];
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) d[i] = 0.f;
-      fence_accumulators<kAcc>(d);
+      keep_regs(d);
       int prev = -1;
       for (int kt = 0; kt < ktiles; ++kt) {
-        mbar_wait(smem_u32(&full_bar[stage]), phase);
+        mbar_wait_watchdog(smem_u32(&full_bar[stage]), phase);
         wgmma_fence();  // orders the accumulator writes above (zeroing) before the asynchronous reads
-        const uint64_t da = smem_desc_sw128(sA + stage * kABytes + c * 64 * 128);
-        const uint64_t db = smem_desc_sw128(sB + stage * kBBytes);
+        const uint64_t da = desc_sw128_kmajor(sA + stage * kABytes + c * 64 * 128);
+        const uint64_t db = desc_sw128_kmajor(sB + stage * kBBytes);
 #pragma unroll
         for (int kk = 0; kk < kBK / 16; ++kk) wgmma_tile<T, BN>(d, da + 2 * kk, db + 2 * kk);
         wgmma_commit();
@@ -356,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       wgmma_wait<0>();
-      fence_accumulators<kAcc>(d);
+      keep_regs(d);
       if (prev >= 0) {
         __syncwarp();
         if (lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
