@@ -40,6 +40,7 @@
 
 #include "attention_decode.h"
 #include "device.cuh"
+#include "arch/sm80.cuh"
 
 namespace mixtral {
 namespace {
@@ -53,19 +54,6 @@ constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 128;  // below this a split's fixed costs (q load, pipeline fill, merge) dominate
 constexpr int kCombineThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
-
-// 16-byte global -> shared copy; with fill == false nothing is read and the 16 bytes are zero-filled.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool fill) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = fill ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Where each (key kk, head g) score sits after the half-warp reduction. Index idx = kk * G + g, N = 4G of them.
 // N >= 16: lane l16 holds indices l16 * R + i in slots i < R = N / 16. N < 16: lane l16 holds index l16 >> SHIFT
@@ -136,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
   static_assert(kWarps * G * (D + 2) * sizeof(float) <= pipeline_smem_bytes<T, D>(), "merge buffer must fit");
   using L = ScoreLayout<G>;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MX_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   T* smem = reinterpret_cast<T*>(smem_raw);  // [kStages][K, V][kTileKeys][D]
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -174,8 +162,9 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
       const int key = first + i * KEYS_PER_PASS;
       const bool ok = key < hi;
       const int off = (ok ? key : 0) * key_stride + my_col;
-      cp_async_16(dst + i * KEYS_PER_PASS * D, kg + off, ok);
-      cp_async_16(dst + TILE + i * KEYS_PER_PASS * D, vg + off, ok);
+      // 16-byte copies; past the split end nothing is read and the 16 bytes are zero-filled.
+      cp_async_cg_16(smem_u32(dst + i * KEYS_PER_PASS * D), kg + off, ok ? 16 : 0);
+      cp_async_cg_16(smem_u32(dst + TILE + i * KEYS_PER_PASS * D), vg + off, ok ? 16 : 0);
     }
   };
 
@@ -208,16 +197,16 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ntiles) load_tile(s, s);
-    cp_async_commit();  // committed even when empty so that group counting is the same for every thread
+    cp_async_commit_group();  // committed even when empty so that group counting is the same for every thread
   }
 
   const int key0 = warp * 2 * kKeysPerHalf + hw * kKeysPerHalf;  // this half-warp's first key in a tile
   int read_stage = 0, write_stage = kStages - 1;
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait<kStages - 2>();  // this thread's pieces of tile t have landed
+    cp_async_wait_group<kStages - 2>();  // this thread's pieces of tile t have landed
     __syncthreads();               // everyone's have; and everyone finished tile t - 1, whose stage is reused now
     if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1, write_stage);
-    cp_async_commit();
+    cp_async_commit_group();
     write_stage = write_stage + 1 == kStages ? 0 : write_stage + 1;
 
     const T* sk = smem + read_stage * (2 * TILE);
@@ -288,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
       }
     }
   }
-  cp_async_wait<0>();  // only empty groups can be pending here; drained before shared memory is reused
+  cp_async_wait_group<0>();  // only empty groups can be pending here; drained before shared memory is reused
   __syncthreads();
 
   // The two half-warps share m_run, so their sums add directly.
@@ -345,8 +334,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
 // M = max_s lse_s. Empty splits have lse_s = -inf and weight 0; a row whose splits are all empty gets zeros.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) attention_decode_combine_kernel(AttentionDecodeParams p) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float inv_total;
+  MX_SHARED(float[kMaxSplits], weight);
+  MX_SHARED(float, inv_total);
   const int64_t row = blockIdx.x;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_heads;
   const int n = p.num_splits;
@@ -485,12 +474,12 @@ cudaError_t attention_decode_launch(const AttentionDecodeParams& p, cudaStream_t
   if (p.batch > 65535 || p.kv_heads > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.kv_heads),
                   static_cast<unsigned>(p.batch));
-  v.fn<<<grid, kThreads, v.smem, stream>>>(p);
+  mixtral::launch(v.fn, grid, kThreads, v.smem, stream, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_heads;
   if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  v.combine<<<static_cast<unsigned>(rows), kCombineThreads, 0, stream>>>(p);
+  mixtral::launch(v.combine, static_cast<unsigned>(rows), kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -57,6 +57,7 @@
 // Limits: D = 128, bf16 / fp16, 128 % G == 0, inner dim contiguous and 16-byte aligned rows (checked by ops.cpp).
 #include "attention_prefill.h"
 #include "device.cuh"
+#include "arch/sm80.cuh"
 
 namespace mixtral {
 namespace {
@@ -82,32 +83,10 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 zero-fills the 16 destination bytes without reading src (which must still be a valid address).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
-}
-
 template <typename T> struct MmaOp;
 template <> struct MmaOp<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_row_col_f32_bf16_bf16_f32(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -116,22 +95,13 @@ template <> struct MmaOp<__nv_bfloat16> {
 };
 template <> struct MmaOp<__half> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_row_col_f32_f16_f16_f32(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
 };
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;  // ex2.approx(-inf) = +0, which the masking relies on
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Loads keys j0 .. j0+kBN-1 of one KV head (k or v cache) into a swizzled tile; keys >= L are zero-filled.
 template <typename T>
@@ -144,14 +114,14 @@ __device__ __forceinline__ void load_kv_tile(uint32_t dst, const T* head_base, i
     const int j = j0 + row;
     const bool valid = j >= 0 && j < L;
     const T* src = valid ? head_base + static_cast<int64_t>(j) * stride_s + chunk * 8 : head_base;
-    cp_async_16(dst + swz(row, chunk), src, valid);
+    cp_async_cg_16(dst + swz(row, chunk), src, valid ? 16 : 0);  // src-size 0: zero-fill, src not read
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(const AttentionPrefillParams p) {
   using Mma = MmaOp<T>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  MX_DYNAMIC_SHARED(uint8_t, smem, 128);
   const uint32_t s_q = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t s_k = s_q + kQBytes;             // stage s at s_k + s * kTileBytes
   const uint32_t s_v = s_k + 2 * kTileBytes;      // stage s at s_v + s * kTileBytes
@@ -190,17 +160,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
       const T* src = valid ? q + static_cast<int64_t>(q_begin + tok) * p.q_stride_t +
                                  static_cast<int64_t>(kvh * G + row % G) * p.q_stride_h + chunk * 8
                            : q;
-      cp_async_16(s_q + swz(row, chunk), src, valid);
+      cp_async_cg_16(s_q + swz(row, chunk), src, valid ? 16 : 0);
     }
   }
   load_kv_tile(s_k, k_head, p.k_stride_s, kv_begin, L, tid);
   load_kv_tile(s_v, v_head, p.v_stride_s, kv_begin, L, tid);
-  cp_async_commit();
+  cp_async_commit_group();
   if (n_tiles > 1) {
     load_kv_tile(s_k + kTileBytes, k_head, p.k_stride_s, kv_begin + kBN, L, tid);
     load_kv_tile(s_v + kTileBytes, v_head, p.v_stride_s, kv_begin + kBN, L, tid);
   }
-  cp_async_commit();
+  cp_async_commit_group();
 
   // This thread's two rows (g and g + 8 of the warp's 16) and their positions; rows past n get positions >= L,
   // harmless since they are never stored.
@@ -218,14 +188,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
   for (int dn = 0; dn < kD / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
 
   for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<1>();
+    cp_async_wait_group<1>();
     __syncthreads();
     if (it == 0) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int c = 2 * kk + ((lane >> 4) & 1);
-        ldsm_x4(s_q + swz(r, c), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+        ldmatrix_x4(s_q + swz(r, c), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
       }
     }
     const int stage = it & 1;
@@ -243,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
         uint32_t b0, b1, b2, b3;
         const int key = 16 * np + (lane & 7) + ((lane >> 4) & 1) * 8;
         const int c = 2 * kk + ((lane >> 3) & 1);
-        ldsm_x4(sk + swz(key, c), b0, b1, b2, b3);
+        ldmatrix_x4(sk + swz(key, c), b0, b1, b2, b3);
         Mma::run(s[2 * np], qf[kk], b0, b1);
         Mma::run(s[2 * np + 1], qf[kk], b2, b3);
       }
@@ -279,13 +249,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float base = mx == -INFINITY ? 0.f : mx;   // see the header: never -inf - (-inf)
-      const float alpha = fast_exp2(m[h] - base);      // m[h] = -inf -> 0 (and O, l are still 0 then)
+      const float alpha = ex2_approx_ftz_f32(m[h] - base);      // m[h] = -inf -> 0 (and O, l are still 0 then)
       m[h] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
-        s[nt][2 * h] = fast_exp2(s[nt][2 * h] - base);
-        s[nt][2 * h + 1] = fast_exp2(s[nt][2 * h + 1] - base);
+        s[nt][2 * h] = ex2_approx_ftz_f32(s[nt][2 * h] - base);
+        s[nt][2 * h + 1] = ex2_approx_ftz_f32(s[nt][2 * h + 1] - base);
         sum += s[nt][2 * h] + s[nt][2 * h + 1];
       }
       l[h] = l[h] * alpha + sum;
@@ -307,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
         uint32_t b0, b1, b2, b3;
         const int key = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int c = 2 * dp + ((lane >> 4) & 1);
-        ldsm_x4_t(sv + swz(key, c), b0, b1, b2, b3);
+        ldmatrix_x4_trans(sv + swz(key, c), b0, b1, b2, b3);
         Mma::run(o[2 * dp], pa, b0, b1);
         Mma::run(o[2 * dp + 1], pa, b2, b3);
       }
@@ -319,10 +289,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
       load_kv_tile(sk, k_head, p.k_stride_s, j0 + 2 * kBN, L, tid);
       load_kv_tile(sv, v_head, p.v_stride_s, j0 + 2 * kBN, L, tid);
     }
-    cp_async_commit();
+    cp_async_commit_group();
   }
   // With n_tiles == 0 (only for invalid L < n) the Q copies may still be in flight: drain before reusing Q's smem.
-  cp_async_wait<0>();
+  cp_async_wait_group<0>();
   __syncthreads();
 
   // Epilogue: normalise, stage the warp's 16 rows in its own Q rows (swizzled), then 16-byte coalesced stores.
@@ -337,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
     for (int dn = 0; dn < kD / 8; ++dn) {
       const uint32_t v = Mma::pack(o[dn][2 * h] * inv, o[dn][2 * h + 1] * inv);
       // dims 8dn + 2t, +1: chunk dn, byte 4t within it
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_q + swz(r, dn) + 4 * tq), "r"(v) : "memory");
+      st_shared_b32(s_q + swz(r, dn) + 4 * tq, v);
     }
   }
   __syncwarp();
@@ -349,8 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
     const int tok = tok0 + r / G;
     if (tok < n) {
       uint4 v;
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s_q + swz(r, chunk)) : "memory");
+      ld_shared_v4_b32(s_q + swz(r, chunk), v);
       *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin + tok) * p.num_heads_q + kvh * G + r % G) * kD +
                                 chunk * 8) = v;
     }
@@ -365,7 +334,7 @@ cudaError_t launch_sm80(const AttentionPrefillParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(attention_prefill_sm80_kernel<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  attention_prefill_sm80_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  mixtral::launch(attention_prefill_sm80_kernel<T>, grid, kThreads, kSmemBytes, stream, p);
   return cudaGetLastError();
 }
 

@@ -42,15 +42,19 @@
 //     both LBO and SBO (1024), which keeps the descriptor right whichever of the two fields the ISA's "MN-major"
 //     wording assigns to it. k-step kk (keys 16kk ..) starts at kk * 2048, the N half h at h * 16384.
 //   Ordering: wgmma.fence before the first wgmma of a batch whose register operands (accumulators, P) ordinary
-//     code wrote; commit_group; wait_group 0 before reading the accumulators (an empty asm with "+f" on every
-//     accumulator keeps the compiler from touching them earlier).
+//     code wrote; commit_group; wait_group 0 before reading the accumulators (keep_regs, arch/sm90.cuh, pins every
+//     accumulator so the compiler does not touch them earlier).
 //
 // Shared memory: 1024-aligned base; Q 32 KiB, 3 stages x (K 32 KiB + V 32 KiB), 6 mbarriers: 225 KiB + alignment.
-// Limits as the sm_80 path. The kernel body exists only in the sm_90a pass; other passes trap, and the host asks
-// attention_prefill_sm90_available() (the loaded binary's architecture) before choosing this path.
+// Limits as the sm_80 path. The kernel body exists only in the sm_90a pass (and the emulation build); other passes
+// trap, and the host asks attention_prefill_sm90_available() (the loaded binary's architecture) before choosing
+// this path.
 #include "attention_prefill.h"
 #include "device.cuh"
-#include "sm90.cuh"
+#include "arch/sm80.cuh"
+#include "arch/sm90.cuh"
+
+#include <type_traits>
 
 namespace mixtral {
 namespace {
@@ -81,17 +85,8 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) {
   return static_cast<uint32_t>((c >> 3) * kHalfBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// The producer's wait, with the watchdog of sm90.cuh (a trap also ends consumers stuck on a "full" barrier). The
-// consumers keep the plain wait: a timer there costs registers the wgmma pipeline needs (ptxas then serialises the
+// The producer's wait, with the watchdog of arch/sm90.cuh (a trap also ends consumers stuck on a "full" barrier).
+// The consumers keep the plain wait: a timer there costs registers the wgmma pipeline needs (ptxas then serialises the
 // wgmmas).
 __device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
   if (mbar_try_wait(bar, parity)) return;
@@ -102,54 +97,24 @@ __device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity
 }
 
 // S (64 x 128, f32) (+)= A (64 x 16, smem) * B (16 x 128, smem), both K-major; accumulate iff acc != 0.
-#define ATTN_WGMMA_SS(TY)                                                                           \
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"                                     \
-               " wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" MIXTRAL_WGMMA_R64 "}, " \
-               "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                      \
-               : MIXTRAL_WGMMA_D64                                                                  \
-               : "l"(da), "l"(db), "r"(acc))
-
 // O (64 x 64, f32) += A (64 x 16, registers) * B (16 x 64, smem, N-major: imm-trans-b = 1).
-#define ATTN_WGMMA_RS(TY)                                                                           \
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                     \
-               " wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" MIXTRAL_WGMMA_R32 "}, " \
-               "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
-               : MIXTRAL_WGMMA_D32                                                                  \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
-
-template <typename T> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16> {
+template <typename T> struct Wgmma {
   __device__ __forceinline__ static void ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    ATTN_WGMMA_SS("bf16");
+    wgmma_m64n128k16_f32_ss<T>(d, da, db, acc);
   }
   __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    ATTN_WGMMA_RS("bf16");
+    wgmma_m64n64k16_f32_rs_transb<T>(d, a, db);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
-    return *reinterpret_cast<uint32_t*>(&v);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+      return *reinterpret_cast<uint32_t*>(&v);
+    } else {
+      __half2 v = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<uint32_t*>(&v);
+    }
   }
 };
-template <> struct Wgmma<__half> {
-  __device__ __forceinline__ static void ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    ATTN_WGMMA_SS("f16");
-  }
-  __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    ATTN_WGMMA_RS("f16");
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-#undef ATTN_WGMMA_SS
-#undef ATTN_WGMMA_RS
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;  // ex2.approx(-inf) = +0, which the masking relies on
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // The block's slice of the problem: shared by the producer and the consumers so both walk the same tiles.
 struct BlockGeom {
@@ -176,7 +141,7 @@ __device__ __forceinline__ bool block_geom(const AttentionPrefillParams& p, Bloc
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(const AttentionPrefillParams p) {
 #ifdef MIXTRAL_SM90A
-  extern __shared__ uint8_t smem_raw[];
+  MX_DYNAMIC_SHARED(uint8_t, smem_raw, 16);
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t s_q = base, s_k = base + kKOff, s_v = base + kVOff;
   const uint32_t full_bar = base + kBarOff;  // full[s] at full_bar + 8 s, empty[s] at empty_bar + 8 s
@@ -208,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       const T* src = valid ? q + static_cast<int64_t>(bg.q_begin + tok) * p.q_stride_t +
                                  static_cast<int64_t>(kvh * bg.G + row % bg.G) * p.q_stride_h + c * 8
                            : q;
-      cp_async_16(s_q + sw128(row, c), src, valid);
+      cp_async_cg_16(s_q + sw128(row, c), src, valid ? 16 : 0);  // src-size 0: zero-fill, src not read
     }
     const T* k_head = static_cast<const T*>(p.k_cache) + blockIdx.y * p.k_stride_b + kvh * p.k_stride_h;
     const T* v_head = static_cast<const T*>(p.v_cache) + blockIdx.y * p.v_stride_b + kvh * p.v_stride_h;
@@ -223,17 +188,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         const int j = j0 + row;
         const bool valid = j < bg.L;
         const uint32_t off = s * kTileBytes + sw128(row, c);
-        cp_async_16(s_k + off, valid ? k_head + static_cast<int64_t>(j) * p.k_stride_s + c * 8 : k_head, valid);
-        cp_async_16(s_v + off, valid ? v_head + static_cast<int64_t>(j) * p.v_stride_s + c * 8 : v_head, valid);
+        cp_async_cg_16(s_k + off, valid ? k_head + static_cast<int64_t>(j) * p.k_stride_s + c * 8 : k_head,
+                       valid ? 16 : 0);
+        cp_async_cg_16(s_v + off, valid ? v_head + static_cast<int64_t>(j) * p.v_stride_s + c * 8 : v_head,
+                       valid ? 16 : 0);
       }
-      cp_async_commit();
+      cp_async_commit_group();
       if (it >= 1) {  // the previous tile (and Q with tile 0) has landed: publish it
-        cp_async_wait<1>();
+        cp_async_wait_group<1>();
         fence_proxy_async();
         mbar_arrive(full_bar + 8 * ((it - 1) % kStages));
       }
     }
-    cp_async_wait<0>();
+    cp_async_wait_group<0>();
     if (bg.n_tiles >= 1) {
       fence_proxy_async();
       mbar_arrive(full_bar + 8 * ((bg.n_tiles - 1) % kStages));
@@ -278,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     // warpgroup's softmax runs while the other's matmuls occupy the tensor cores. Warpgroup 1 hands warpgroup 0
     // the first turn and skips its hand-over after its last tile, so every arrival meets exactly one sync.
     const uint32_t my_turn = 3 + cw, their_turn = 4 - cw;
-    if (cw == 1 && bg.n_tiles > 0) asm volatile("bar.arrive %0, 256;\n" ::"r"(their_turn) : "memory");
+    if (cw == 1 && bg.n_tiles > 0) bar_arrive<256>(their_turn);
     for (int it = 0; it < bg.n_tiles; ++it) {
       const int st = it % kStages;
       mbar_wait(full_bar + 8 * st, (it / kStages) & 1);
@@ -288,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       // 8 k-steps of 16; one wait retires both. At it = 0 there is no previous tile: P is still all zeros and V
       // is taken from the current (landed, finite) stage, so O stays 0; issuing it anyway keeps every wgmma on a
       // non-divergent path (ptxas serialises wgmma under a branch).
-      asm volatile("bar.sync %0, 256;\n" ::"r"(my_turn) : "memory");
+      bar_sync<256>(my_turn);
       wgmma_fence();
       pv_issue(o, pa, s_v + ((it > 0 ? it - 1 : it) % kStages) * kTileBytes);
 #pragma unroll
@@ -297,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         W::ss(s, desc_sw128_kmajor(s_q + 64 * cw * 128 + koff), desc_sw128_kmajor(sk + koff), kk > 0);
       }
       wgmma_commit();
-      if (!(cw == 1 && it == bg.n_tiles - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(their_turn) : "memory");
+      if (!(cw == 1 && it == bg.n_tiles - 1)) bar_arrive<256>(their_turn);
       wgmma_wait<0>();
       keep_regs(s);
       keep_regs(o[0]);
@@ -331,13 +298,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float base_m = mx == -INFINITY ? 0.f : mx;
-        const float alpha = fast_exp2(m[h] - base_m);
+        const float alpha = ex2_approx_ftz_f32(m[h] - base_m);
         m[h] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-          s[4 * i + 2 * h] = fast_exp2(s[4 * i + 2 * h] - base_m);
-          s[4 * i + 2 * h + 1] = fast_exp2(s[4 * i + 2 * h + 1] - base_m);
+          s[4 * i + 2 * h] = ex2_approx_ftz_f32(s[4 * i + 2 * h] - base_m);
+          s[4 * i + 2 * h + 1] = ex2_approx_ftz_f32(s[4 * i + 2 * h + 1] - base_m);
           sum += s[4 * i + 2 * h] + s[4 * i + 2 * h + 1];
         }
         l[h] = l[h] * alpha + sum;
@@ -386,10 +353,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
           const float* oo = o[i >> 3];
           const int e = 4 * (i & 7) + 2 * h;
           const uint32_t v = W::pack(oo[e] * inv, oo[e + 1] * inv);
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_q + sw128(r, i) + 4 * tq), "r"(v) : "memory");
+          st_shared_b32(s_q + sw128(r, i) + 4 * tq, v);
         }
       }
-      asm volatile("bar.sync %0, 128;\n" ::"r"(named_bar) : "memory");
+      bar_sync<128>(named_bar);
     }
 #pragma unroll
     for (int i = 0; i < 64 * 16 / 128; ++i) {
@@ -398,9 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       const int tok = bg.tok0 + r / bg.G;
       if (tok < bg.n) {
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (bg.n_tiles > 0)
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s_q + sw128(r, c)) : "memory");
+        if (bg.n_tiles > 0) ld_shared_v4_b32(s_q + sw128(r, c), v);
         *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(bg.q_begin + tok) * p.num_heads_q + kvh * bg.G +
                                          r % bg.G) * kD + c * 8) = v;
       }
@@ -418,7 +383,7 @@ cudaError_t launch_sm90(const AttentionPrefillParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(attention_prefill_sm90_kernel<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  attention_prefill_sm90_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  mixtral::launch(attention_prefill_sm90_kernel<T>, grid, kThreads, kSmemBytes, stream, p);
   return cudaGetLastError();
 }
 

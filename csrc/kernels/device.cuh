@@ -1,8 +1,42 @@
-// Device helpers shared by the kernels: dtype conversions and warp reductions. Only .cu files include this.
+// Device helpers shared by the kernels: the platform layer (CUDA, or the CPU emulation build with -DMIXTRAL_EMU),
+// shared-memory declaration macros, the one kernel-launch helper, dtype conversions and warp reductions. Every
+// kernel file includes this first (directly or through its own headers); nothing CUDA-specific enters a kernel file
+// any other way. Inline PTX lives only in arch/*.cuh.
+//
+// Shared memory is declared through macros so that the emulation runtime can give each CTA its own copy:
+//   MX_SHARED(type, name);                   static, e.g. MX_SHARED(float[kWarps][32], s_part);
+//   MX_SHARED_ALIGNED(align, type, name);    static with an alignment
+//   MX_DYNAMIC_SHARED(type, name, align);    the dynamic buffer (extern __shared__ type name[])
+// and kernels are launched with mixtral::launch(kernel, grid, block, smem_bytes, stream, args...), never <<<>>>.
+// Call it qualified: an unqualified call would also find the emulator's launch by argument-dependent lookup.
 #pragma once
+
+#ifdef MIXTRAL_EMU
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstddef>
+#include <utility>
+
+namespace mixtral {
+// Lets an array type be written as one macro argument: mx_type<float[4][32]> name  ==  float name[4][32].
+template <class T> using mx_type = T;
+
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                   Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "launch: argument count differs from the kernel's");
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+}
+}  // namespace mixtral
+
+#define MX_SHARED(type, name) __shared__ ::mixtral::mx_type<type> name
+#define MX_SHARED_ALIGNED(align, type, name) __shared__ __align__(align) ::mixtral::mx_type<type> name
+#define MX_DYNAMIC_SHARED(type, name, align) extern __shared__ __align__(align) type name[]
+#endif  // MIXTRAL_EMU
 
 #include "common.h"
 

@@ -22,7 +22,10 @@
 // but the large-T path belongs to the tensor-core grouped GEMM. Reduction: butterfly shuffles inside the warp,
 // then the k_split partials summed in warp order through shared memory (fixed order: deterministic bits).
 // Limits: H and I multiples of 8, 16-byte aligned tensors, E <= 64. bf16 and fp16 (fp32 accumulation throughout).
+#include <cstring>
+
 #include "device.cuh"
+#include "arch/common.cuh"
 #include "moe_decode.h"
 
 namespace mixtral {
@@ -53,13 +56,7 @@ struct GemvProblem {
 // Streamed weight load: read-only for the kernel, not kept in L1, with a 256-byte L2 prefetch hint. volatile so
 // the compiler issues every load where it is written (all UNR x RW of an iteration up front) instead of sinking
 // them into the tail-guarded compute below, which would leave one vector per row in flight.
-__device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
+__device__ __forceinline__ uint4 ld_stream(const uint4* ptr) { return ld_global_nc_L1_no_allocate_v4_u32(ptr); }
 
 template <typename T> __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]);
 template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& v, float (&f)[8]) {
@@ -217,7 +214,7 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
 // 128 registers and settles for one block per SM rather than spilling.
 template <typename T, Epilogue EPI, int RMAX>
 __global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(GemvProblem p) {
-  __shared__ float s_part[kWarps][32];
+  MX_SHARED(float[kWarps][32], s_part);
   int e, r_begin, r_end;
   if (!find_active_expert(p.expert_offsets, p.experts, blockIdx.y, e, r_begin, r_end)) return;
   const int warp = threadIdx.x >> 5;
@@ -283,7 +280,7 @@ template <typename T, Epilogue EPI, int RMAX>
 cudaError_t launch_gemv(const GemvProblem& g, int slots, cudaStream_t stream) {
   const int64_t rows_per_block = static_cast<int64_t>(kWarps / g.k_split) * kRowsPerWarp;
   const dim3 grid(static_cast<unsigned>((g.n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(slots));
-  moe_gemv_kernel<T, EPI, RMAX><<<grid, kThreads, 0, stream>>>(g);
+  mixtral::launch(moe_gemv_kernel<T, EPI, RMAX>, grid, kThreads, 0, stream, g);
   return cudaGetLastError();
 }
 
@@ -314,7 +311,7 @@ template <typename T>
 cudaError_t launch_combine_typed(const MoeCombineParams& p, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
   const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>((p.hidden + per_block - 1) / per_block));
-  moe_combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  mixtral::launch(moe_combine_kernel<T>, grid, kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

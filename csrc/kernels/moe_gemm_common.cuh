@@ -10,10 +10,6 @@
 // b + grid, ...: every tile costs the same K loop, so this static round-robin keeps all SMs busy whatever the
 // routing skew, without a device-side counter that would need zeroing before each launch.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include "device.cuh"
 #include "moe_gemm.h"
 

@@ -29,12 +29,11 @@
 // past the expert's end and k past K are zero-filled by cp.async (src-size 0), columns past N are loaded as zeros
 // and not stored. Numerics: fp32 accumulation in k order per 16-wide step; GEMM1 rounds silu(gate)*up to the element
 // type (bf16 or fp16, a template parameter: the kernels are byte-movers except for the mma and the final rounding).
-#include <cuda_bf16.h>
-
 #include <algorithm>
 #include <type_traits>
 
 #include "moe_gemm_common.cuh"
+#include "arch/sm80.cuh"
 
 namespace mixtral {
 namespace moe_gemm {
@@ -55,45 +54,6 @@ bool fits(const MoeGroupedGemmParams& p) {
   return p.max_smem_per_block >= sm80_smem_bytes<BM, STAGES>() + kStaticSmemBound;
 }
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes 16 zero bytes (src must still be a valid address).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr)
-               : "memory");  // reads what cp.async wrote: keep it after the wait + barrier
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
 // Byte offset of logical 16-byte chunk c of row r in a swizzled 128-byte-row tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
 
@@ -110,9 +70,9 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
   static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
   static_assert(STAGES >= 3, "at least 3 stages");
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int s_off[kMaxExperts + 1];
-  __shared__ int s_tiles[kMaxExperts + 1];
+  MX_DYNAMIC_SHARED(unsigned char, smem, 128);
+  MX_SHARED(int[kMaxExperts + 1], s_off);
+  MX_SHARED(int[kMaxExperts + 1], s_tiles);
 
   const int ntiles = (g.n + kBN - 1) / kBN;
   build_schedule(g, BM, ntiles, s_off, s_tiles);
@@ -166,12 +126,12 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 #pragma unroll
       for (int i = 0; i < kARowsPerThread; ++i) {
         const bool ok = a_ok[i] && k_ok;
-        cp_async_16(a_dst + swz(ld_r + 32 * i, ld_c), ok ? a_src[i] + kcol : A, ok ? 16 : 0);
+        cp_async_cg_16(a_dst + swz(ld_r + 32 * i, ld_c), ok ? a_src[i] + kcol : A, ok ? 16 : 0);
       }
 #pragma unroll
       for (int i = 0; i < kBRowsPerThread; ++i) {
         const bool ok = b_ok[i] && k_ok;
-        cp_async_16(b_dst + swz(ld_r + 32 * i, ld_c), ok ? b_src[i] + kcol : B, ok ? 16 : 0);
+        cp_async_cg_16(b_dst + swz(ld_r + 32 * i, ld_c), ok ? b_src[i] + kcol : B, ok ? 16 : 0);
       }
     };
 
@@ -188,18 +148,18 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < ktiles) load_stage(s, s);
-      cp_async_commit();
+      cp_async_commit_group();
     }
 
     for (int kt = 0; kt < ktiles; ++kt) {
       // Groups committed so far: STAGES-1+kt; leaving STAGES-2 pending means k-tile kt has landed (for this
       // thread); the barrier makes every thread's chunks visible and proves all warps are done with k-tile kt-1,
       // whose buffer ((kt-1) % STAGES == (kt+STAGES-1) % STAGES) the prefetch below overwrites.
-      cp_async_wait<STAGES - 2>();
+      cp_async_wait_group<STAGES - 2>();
       __syncthreads();
       const int pf = kt + STAGES - 1;
       if (pf < ktiles) load_stage(pf, pf % STAGES);
-      cp_async_commit();
+      cp_async_commit_group();
 
       const int stage = kt % STAGES;
       const uint32_t a_base = sA + stage * kStageA;
@@ -223,12 +183,12 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 #pragma unroll
         for (int i = 0; i < kMFrag; ++i)
 #pragma unroll
-          for (int j = 0; j < kNFrag; ++j) mma_16816<T>(acc[i][j], af[i], bf[j]);
+          for (int j = 0; j < kNFrag; ++j) mma_m16n8k16_f32<T>(acc[i][j], af[i], bf[j][0], bf[j][1]);
       }
     }
     // Drain the (empty) trailing groups and make sure no warp still reads the ring before the next tile's
     // prologue refills it.
-    cp_async_wait<0>();
+    cp_async_wait_group<0>();
     __syncthreads();
 
     // Epilogue straight from registers (see moe_gemm_common.cuh for the fragment -> column mapping).
@@ -275,7 +235,7 @@ cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream
   const int64_t ntiles = (g.n + kBN - 1) / kBN;
   const int64_t max_tiles = (rows / BM + g.experts) * ntiles;
   const int64_t grid = std::min<int64_t>(max_tiles, static_cast<int64_t>(sm_count) * per_sm);
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(g);
+  mixtral::launch(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, g);
   return cudaGetLastError();
 }
 

@@ -41,14 +41,11 @@
 //
 // Limits: K, N multiples of 8 (TMA needs 16-byte row strides), E <= 256, rows < 2^31. Numerics as the sm80 path:
 // fp32 accumulation, GEMM1 rounds silu(gate) * up to the element type (bf16 or fp16), GEMM2 writes fp32.
-#include <cuda.h>
-#include <cuda_bf16.h>
-
 #include <algorithm>
 #include <type_traits>
 
 #include "moe_gemm_common.cuh"
-#include "sm90.cuh"
+#include "arch/sm90.cuh"  // also CUtensorMap and the driver types of its encoding
 
 namespace mixtral {
 namespace moe_gemm {
@@ -88,8 +85,8 @@ constexpr int sm90_smem_bytes() {
 #ifdef MIXTRAL_SM90A
 using namespace sm90;
 
-// Every wait here (producer and consumers alike) has the watchdog of sm90.cuh: any legitimate wait lasts at most one
-// k-tile load or one epilogue, and a protocol bug (e.g. a transaction count TMA never delivers) traps instead of
+// Every wait here (producer and consumers alike) has the watchdog of arch/sm90.cuh: any legitimate wait lasts at most
+// one k-tile load or one epilogue, and a protocol bug (e.g. a transaction count TMA never delivers) traps instead of
 // hanging the process and everything queued behind it. The timer is read once per 4096 failed polls, which keeps
 // it off the consumers' fast path.
 __device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
@@ -106,65 +103,14 @@ __device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity
   } while (!done);
 }
 
-// 2-D TMA load of one box at (inner coordinate x = k, outer coordinate y = row) into shared memory; completion is
-// signalled on `bar` as transaction bytes.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-      : "memory");
-}
-
-// d[0..127] += A(64 x 16, smem) * B(256 x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" MIXTRAL_WGMMA_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-        : MIXTRAL_WGMMA_D128
-        : "l"(desc_a), "l"(desc_b), "r"(1)
-        : "memory");
-  } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" MIXTRAL_WGMMA_R128 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-        : MIXTRAL_WGMMA_D128
-        : "l"(desc_a), "l"(desc_b), "r"(1)
-        : "memory");
-  }
-}
-
-// d[0..63] += A(64 x 16, smem) * B(128 x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" MIXTRAL_WGMMA_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : MIXTRAL_WGMMA_D64
-        : "l"(desc_a), "l"(desc_b), "r"(1)
-        : "memory");
-  } else {
-    static_assert(std::is_same_v<T, __half>, "bf16 or fp16");
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" MIXTRAL_WGMMA_R64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : MIXTRAL_WGMMA_D64
-        : "l"(desc_a), "l"(desc_b), "r"(1)
-        : "memory");
-  }
-}
-
+// d[0 .. BN/2) += A(64 x 16, smem) * B(BN x 16, smem)^T, both K-major, fp32 accumulators; T = bf16 or fp16.
 template <typename T, int BN>
-__device__ __forceinline__ void wgmma_tile(float* d, uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_tile(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
   static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
   if constexpr (BN == 256)
-    wgmma_m64n256k16<T>(d, desc_a, desc_b);
+    wgmma_m64n256k16_f32_ss<T>(d, desc_a, desc_b, 1);
   else
-    wgmma_m64n128k16<T>(d, desc_a, desc_b);
+    wgmma_m64n128k16_f32_ss<T>(d, desc_a, desc_b, 1);
 }
 
 #endif
@@ -179,11 +125,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kBBytes = b_bytes<BN>();
   constexpr int kStageBytes = kABytes + kBBytes;
   constexpr int kAcc = BN / 2;  // fp32 accumulators per thread: 64 x BN over 128 threads
-  extern __shared__ unsigned char smem_raw[];
-  __shared__ int s_off[kMaxExperts + 1];
-  __shared__ int s_tiles[kMaxExperts + 1];
-  __shared__ __align__(8) uint64_t full_bar[STAGES];
-  __shared__ __align__(8) uint64_t empty_bar[STAGES];
+  MX_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
+  MX_SHARED(int[kMaxExperts + 1], s_off);
+  MX_SHARED(int[kMaxExperts + 1], s_tiles);
+  MX_SHARED_ALIGNED(8, uint64_t[STAGES], full_bar);
+  MX_SHARED_ALIGNED(8, uint64_t[STAGES], empty_bar);
 
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sA = ring;                       // STAGES x [128][64] T
@@ -194,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(smem_u32(&full_bar[s]), 1);   // the producer's arrive.expect_tx (+ the TMA bytes)
       mbar_init(smem_u32(&empty_bar[s]), 8);  // one arrive per consumer warp
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_mbarrier_init_release_cluster();
   }
   const int ntiles = (g.n + BN - 1) / BN;
   build_schedule(g, kBM, ntiles, s_off, s_tiles);  // its barriers also publish the initialised mbarriers
@@ -205,8 +151,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x == 0) {
-      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_a)) : "memory");
-      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tm_b)) : "memory");
+      prefetch_tensormap(&tm_a);
+      prefetch_tensormap(&tm_b);
       int stage = 0;
       uint32_t phase = 0;
       int e = 0;
@@ -217,8 +163,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait_watchdog(smem_u32(&empty_bar[stage]), phase ^ 1);
           const uint32_t fb = smem_u32(&full_bar[stage]);
           mbar_arrive_expect_tx(fb, kStageBytes);  // whole boxes count, zero-filled parts included
-          tma_load_2d(sA + stage * kABytes, &tm_a, kt * kBK, tl.m0, fb);
-          tma_load_2d(sB + stage * kBBytes, &tm_b, kt * kBK, b_row, fb);
+          cp_async_bulk_tensor_2d_global_to_shared(sA + stage * kABytes, &tm_a, kt * kBK, tl.m0, fb);
+          cp_async_bulk_tensor_2d_global_to_shared(sB + stage * kBBytes, &tm_b, kt * kBK, b_row, fb);
           if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -346,7 +292,7 @@ cudaError_t launch_one(const CUtensorMap& ma, const CUtensorMap& mb, const GemmA
   const int64_t ntiles = (g.n + BN - 1) / BN;
   const int64_t max_tiles = (rows / kBM + g.experts) * ntiles;  // >= sum_e ceil(rows_e / BM) * ntiles
   const int64_t grid = std::min<int64_t>(max_tiles, sm_count);
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(ma, mb, g);
+  mixtral::launch(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, ma, mb, g);
   return cudaGetLastError();
 }
 
@@ -445,8 +391,8 @@ cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
   const int vec = static_cast<int>(H / 8);
   const int64_t total = R * vec;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, static_cast<int64_t>(p.sm_count) * 16);
-  moe_gather_rows_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      static_cast<const uint4*>(p.x), p.sorted_tokens, static_cast<uint4*>(x_perm), R, vec);
+  mixtral::launch(moe_gather_rows_kernel, static_cast<unsigned>(blocks), 256, 0, stream, static_cast<const uint4*>(p.x),
+                  p.sorted_tokens, static_cast<uint4*>(x_perm), R, vec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 

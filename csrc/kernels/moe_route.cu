@@ -229,7 +229,9 @@ __device__ __forceinline__ void scan_counts_warp0(const MoeRouteParams& p, const
 
 template <typename T, int K>
 __global__ void __launch_bounds__(kSingleBlockThreads) moe_route_single_kernel(MoeRouteParams p) {
-  __shared__ int s_count[kMaxE], s_base[kMaxE], s_warp[kMaxWarps * kMaxE];
+  MX_SHARED(int[kMaxE], s_count);
+  MX_SHARED(int[kMaxE], s_base);
+  MX_SHARED(int[kMaxWarps * kMaxE], s_warp);
   for (int e = threadIdx.x; e < kMaxE; e += blockDim.x) s_count[e] = 0;
   __syncthreads();
   // One tile (T <= blockDim, every decode step): the ids stay in registers between the passes.
@@ -266,7 +268,7 @@ __global__ void __launch_bounds__(kSingleBlockThreads) moe_route_single_kernel(M
 // Multi-block pass 1: block b handles tokens [b * kChunkTokens, ...) and writes its counts to workspace[b, E].
 template <typename T, int K>
 __global__ void __launch_bounds__(kMultiThreads) moe_route_count_kernel(MoeRouteParams p) {
-  __shared__ int s_count[kMaxE];
+  MX_SHARED(int[kMaxE], s_count);
   if (threadIdx.x < kMaxE) s_count[threadIdx.x] = 0;
   __syncthreads();
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * kChunkTokens;
@@ -280,7 +282,8 @@ __global__ void __launch_bounds__(kMultiThreads) moe_route_count_kernel(MoeRoute
 // Multi-block scan (one block of kMaxE threads, thread e = expert e): totals per expert, the exclusive scan over
 // experts (offsets), then each block's count replaced in place by that block's first row of the expert.
 __global__ void __launch_bounds__(kMaxE) moe_route_scan_kernel(MoeRouteParams p, int nblocks) {
-  __shared__ int s_count[kMaxE], s_base[kMaxE];
+  MX_SHARED(int[kMaxE], s_count);
+  MX_SHARED(int[kMaxE], s_base);
   const int e = threadIdx.x;
   const int E = p.experts;
   int total = 0;
@@ -304,7 +307,8 @@ __global__ void __launch_bounds__(kMaxE) moe_route_scan_kernel(MoeRouteParams p,
 
 template <int K>
 __global__ void __launch_bounds__(kMultiThreads) moe_route_scatter_kernel(MoeRouteParams p) {
-  __shared__ int s_base[kMaxE], s_warp[kMaxWarps * kMaxE];
+  MX_SHARED(int[kMaxE], s_base);
+  MX_SHARED(int[kMaxWarps * kMaxE], s_warp);
   if (threadIdx.x < p.experts) s_base[threadIdx.x] = p.workspace[static_cast<int64_t>(blockIdx.x) * p.experts +
                                                                  threadIdx.x];
   __syncthreads();
@@ -319,13 +323,13 @@ cudaError_t launch_typed(const MoeRouteParams& p, cudaStream_t stream) {
     // Whole warps only (the ballots need every lane); T = 0 still runs to write zero counts and offsets.
     int threads = static_cast<int>((p.tokens + 31) / 32 * 32);
     threads = threads < 32 ? 32 : (threads > kSingleBlockThreads ? kSingleBlockThreads : threads);
-    moe_route_single_kernel<T, K><<<1, threads, 0, stream>>>(p);
+    mixtral::launch(moe_route_single_kernel<T, K>, 1, threads, 0, stream, p);
     return cudaGetLastError();
   }
   const int nblocks = static_cast<int>((p.tokens + kChunkTokens - 1) / kChunkTokens);
-  moe_route_count_kernel<T, K><<<nblocks, kMultiThreads, 0, stream>>>(p);
-  moe_route_scan_kernel<<<1, kMaxE, 0, stream>>>(p, nblocks);
-  moe_route_scatter_kernel<K><<<nblocks, kMultiThreads, 0, stream>>>(p);
+  mixtral::launch(moe_route_count_kernel<T, K>, nblocks, kMultiThreads, 0, stream, p);
+  mixtral::launch(moe_route_scan_kernel, 1, kMaxE, 0, stream, p, nblocks);
+  mixtral::launch(moe_route_scatter_kernel<K>, nblocks, kMultiThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

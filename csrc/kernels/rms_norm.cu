@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
       ss += f * f;
     }
   }
-  __shared__ float partial[kThreads / 32];
+  MX_SHARED(float[kThreads / 32], partial);
   ss = warp_sum(ss);
   if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
   __syncthreads();
@@ -78,9 +78,9 @@ cudaError_t launch_typed(const RmsNormParams& p, cudaStream_t stream) {
                         reinterpret_cast<uintptr_t>(p.residual) | reinterpret_cast<uintptr_t>(p.out)) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(p.rows));
   if (aligned)
-    rms_norm_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p);
+    mixtral::launch(rms_norm_kernel<T, kVec>, grid, kThreads, 0, stream, p);
   else
-    rms_norm_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    mixtral::launch(rms_norm_kernel<T, 1>, grid, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -118,9 +118,9 @@ cudaError_t launch_typed(const RopeKvAppendParams& p, cudaStream_t stream) {
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   if (aligned)
-    rope_kv_append_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p);
+    mixtral::launch(rope_kv_append_kernel<T, kVec>, grid, kThreads, 0, stream, p);
   else
-    rope_kv_append_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    mixtral::launch(rope_kv_append_kernel<T, 1>, grid, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
