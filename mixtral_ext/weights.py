@@ -1,8 +1,14 @@
 """Checkpoint loading: find the files, map every stored tensor to its place in the model, stream it there.
 
-Two layouts (DESIGN.md "Checkpoints"):
-  HF           config.json + model.safetensors, or model.safetensors.index.json + model-0000i-of-0000n.safetensors
+Layouts (DESIGN.md "Checkpoints"; LAYOUTS below), told apart by their tensor names:
+  hf           config.json + model.safetensors, or model.safetensors.index.json + model-0000i-of-0000n.safetensors,
+               per-expert tensors block_sparse_moe.experts.N.w1/w2/w3 (transformers < 5, and its default format)
+  hf-fused     the same files, experts stacked: mlp.experts.gate_up_proj [E, 2I, H] (w1 rows, then w3 rows) and
+               mlp.experts.down_proj [E, H, I], router mlp.gate (transformers >= 5, save_original_format=False)
+  mlx          the same files, block_sparse_moe.switch_mlp.gate_proj/up_proj [E, I, H], down_proj [E, H, I] (mlx-lm)
   consolidated params.json + consolidated*.safetensors (Mistral's release format)
+A directory may hold several candidate checkpoints (a consolidated download next to an HF one, stale shards, an
+index from another revision): find_checkpoint takes the one complete candidate, judged from the headers alone.
 
 Loading streams shard by shard: each shard is memory-mapped by safetensors (reopened every _CHUNK_BYTES, so at most
 that much of it is mapped and resident at once), each tensor is read on its own straight to the target device
@@ -19,6 +25,8 @@ naming the file and the tensor. Pickled .pth/.bin checkpoints are refused: unpic
 import glob
 import json
 import os
+import re
+import sys
 
 import torch
 
@@ -30,36 +38,186 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file and, where one is at fault, the tensor."""
 
 
-def find_checkpoint(path):
-    """Returns (layout, config_path, [safetensors files]) for a checkpoint directory."""
+def find_checkpoint(path, announce=True):
+    """Returns (layout, config_path, [safetensors files]) of the one complete checkpoint in the directory `path`.
+
+    Every set of weight files that could be a checkpoint is a candidate: the shards a model.safetensors.index.json
+    names, model.safetensors, each model-*-of-N.safetensors series, consolidated*.safetensors. Each is checked from
+    its safetensors headers alone (no tensor data is read) against the config: every expected tensor present once
+    with its shape, nothing unexpected, the index agreeing with its shards. With one candidate its first problem is
+    the error; with several, the complete one is taken (HF before consolidated when both are) and one line on
+    stderr says which (announce=False: silent); none complete is an error naming what each one lacks.
+    Layouts: see LAYOUTS. Pickled weights (.bin, .pt, .pth) are never candidates: unpickling can run arbitrary code.
+    """
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    has = lambda name: os.path.exists(os.path.join(path, name))  # noqa: E731
-    pickled = sorted(glob.glob(os.path.join(path, "*.pth")) + glob.glob(os.path.join(path, "*.bin")) +
-                     glob.glob(os.path.join(path, "*.pt")))
-    if has("config.json"):
-        layout, config = "hf", os.path.join(path, "config.json")
-        if has("model.safetensors.index.json"):
-            files = _index_files(path, os.path.join(path, "model.safetensors.index.json"))
-        elif has("model.safetensors"):
-            files = [os.path.join(path, "model.safetensors")]
-        else:
-            files = sorted(glob.glob(os.path.join(path, "model-*.safetensors")))
-    elif has("params.json"):
-        layout, config = "consolidated", os.path.join(path, "params.json")
-        files = sorted(glob.glob(os.path.join(path, "consolidated*.safetensors")))
-    else:
-        raise CheckpointError(f"{path}: neither config.json (HF layout) nor params.json (consolidated layout) found")
-    if not files:
+    candidates, pickled = _candidates(path)
+    if not candidates:
+        if os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise CheckpointError(f"{path}: a PEFT/LoRA adapter (adapter_config.json), not a model: merge it into "
+                                  f"its base model first (peft's merge_and_unload) and save that")
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if ggufs:
+            raise CheckpointError(f"{path}: GGUF files ({', '.join(map(os.path.basename, ggufs))}, llama.cpp's "
+                                  f"format) are not supported; supported layouts: {_SUPPORTED}")
         if pickled:
             raise CheckpointError(f"{path}: only pickled weights ({', '.join(map(os.path.basename, pickled))}); "
                                   f"they are not loaded because unpickling can run arbitrary code - convert them to "
                                   f"safetensors")
-        raise CheckpointError(f"{path}: no .safetensors weight files found for the {layout} layout")
-    return layout, config, files
+        if not (os.path.exists(os.path.join(path, "config.json")) or
+                os.path.exists(os.path.join(path, "params.json"))):
+            raise CheckpointError(f"{path}: neither config.json (HF layout) nor params.json (consolidated layout) "
+                                  f"found")
+        raise CheckpointError(f"{path}: no .safetensors weight files found")
+    for c in candidates:
+        c.check()
+    # An index's own shards are a candidate of their own only for when the index is at fault.
+    if any(c.index is not None and not c.problem for c in candidates):
+        candidates = [c for c in candidates if not c.same_as_index]
+    if len(candidates) == 1 and (candidates[0].problem or not pickled):
+        (c,) = candidates
+        if c.problem:
+            raise CheckpointError(c.problem)
+        return c.layout, c.config_path, c.files
+    complete = [c for c in candidates if not c.problem]
+    if not complete:
+        lacks = "; ".join(f"[{c.describe()}] {c.problem}" for c in candidates)
+        raise CheckpointError(f"{path}: no complete checkpoint among {len(candidates)} candidates: {lacks}")
+    chosen = complete[0]
+    if announce:
+        others = [c.describe() + (" (also complete)" if not c.problem else " (incomplete)")
+                  for c in candidates if c is not chosen]
+        print(f"mixtral_ext: {path}: loading {chosen.describe()}; ignoring {', '.join(others)}"
+              + (f" and pickled {', '.join(map(os.path.basename, pickled))}" if pickled else ""), file=sys.stderr)
+    return chosen.layout, chosen.config_path, chosen.files
+
+
+# Layouts that maintained tools write for Mixtral, by the names of one layer's MoE tensors.
+LAYOUTS = {
+    "hf": "Hugging Face per-expert (block_sparse_moe.experts.N.w1/w2/w3; transformers < 5, or >= 5 with "
+          "save_original_format=True)",
+    "hf-fused": "Hugging Face fused experts (mlp.experts.gate_up_proj/down_proj; transformers >= 5 with "
+                "save_original_format=False)",
+    "mlx": "MLX (block_sparse_moe.switch_mlp.gate_proj/up_proj/down_proj; mlx-lm, unquantized)",
+    "consolidated": "Mistral consolidated (params.json + consolidated*.safetensors)",
+}
+_SUPPORTED = "; ".join(LAYOUTS.values())
+# Suffixes of tensors that only quantized layouts have, and the layout they mean.
+_QUANTIZED = ((".qweight", "GPTQ/AWQ-quantized"), (".qzeros", "GPTQ/AWQ-quantized"),
+              (".absmax", "bitsandbytes-quantized"), (".quant_state.bitsandbytes__nf4", "bitsandbytes-quantized"),
+              (".weight_scale", "FP8-quantized (compressed-tensors)"), (".weight_scale_inv", "FP8-quantized"),
+              (".scales", "quantized (MLX or another group-wise format)"), (".biases", "MLX-quantized"))
+
+
+class _Candidate:
+    """One set of weight files with its config file; check() fills layout, or problem (a message, or None)."""
+
+    def __init__(self, path, family, config_path, files, what, index=None, problem=None):
+        self.path, self.family, self.config_path, self.files = path, family, config_path, files
+        self.what, self.index, self.problem, self.layout = what, index, problem, None
+        self.same_as_index = False  # a model-*-of-N series that is exactly the index's shards
+
+    def describe(self):
+        return self.what + (f" ({self.layout} layout)" if self.layout else "")
+
+    def check(self):
+        if self.problem:
+            return
+        try:
+            self.problem = self._first_problem()
+        except CheckpointError as exc:
+            self.problem = str(exc)
+
+    def _first_problem(self):
+        from .config import MixtralConfig
+        if self.config_path is None:
+            return f"{self.path}: no {'config.json' if self.family == 'hf' else 'params.json'} for {self.what}"
+        try:
+            cfg = MixtralConfig.from_pretrained(self.config_path)
+        except ValueError as exc:
+            return str(exc)
+        headers = {f: _read_header(f) for f in self.files}
+        names = {n for h in headers.values() for n in h}
+        self.layout = _detect_layout(self.family, names, self.path)
+        expected = expected_tensors(cfg, self.layout)
+        optional = {"lm_head.weight", "output.weight"} if cfg.tie_word_embeddings else set()
+        seen = {}
+        for file, header in headers.items():
+            for name, (dtype, shape) in header.items():
+                if name in optional:
+                    continue
+                if name not in expected:
+                    return (f"{file}: unexpected tensor {name} (not part of a {self.layout}-layout Mixtral with this "
+                            f"config)")
+                if name in seen:
+                    return f"{file}: tensor {name} appears again (already in {seen[name]})"
+                if shape != expected[name][1]:
+                    return f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} from the config"
+                if dtype not in _FLOAT_DTYPES:
+                    return f"{file}: tensor {name} has dtype {dtype}, expected one of {sorted(_FLOAT_DTYPES)}"
+                seen[name] = os.path.basename(file)
+        if self.index is not None:  # {tensor: shard} of the index: the shards' headers must say the same
+            for name, shard in self.index.items():
+                if seen.get(name) != shard:
+                    where = f"is in {seen[name]}" if name in seen else "is in none of them"
+                    return (f"{self.path}/model.safetensors.index.json disagrees with its shards: it puts {name} in "
+                            f"{shard}, which does not hold it ({name} {where})")
+            stray = sorted(set(seen) - set(self.index))
+            if stray:
+                return (f"{self.path}/model.safetensors.index.json disagrees with its shards: {stray[0]} (in "
+                        f"{seen[stray[0]]}) is not in the index")
+        missing = [name for name in expected if name not in seen]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            files = [os.path.basename(f) for f in self.files]
+            files = ", ".join(files) if len(files) <= 3 else f"{files[0]} ... {files[-1]}"
+            return f"{self.path}: tensor {missing[0]}{more} missing from the checkpoint ({files})"
+        return None
+
+
+def _candidates(path):
+    """(candidates, pickled files) of a directory; see find_checkpoint."""
+    has = lambda name: os.path.exists(os.path.join(path, name))  # noqa: E731
+    pickled = sorted(glob.glob(os.path.join(path, "*.pth")) + glob.glob(os.path.join(path, "*.bin")) +
+                     glob.glob(os.path.join(path, "*.pt")))
+    hf_config = os.path.join(path, "config.json") if has("config.json") else None
+    params = os.path.join(path, "params.json") if has("params.json") else None
+    out = []
+    index_files = None
+    if has("model.safetensors.index.json"):
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        try:
+            index_files, weight_map = _index_files(path, index_path)
+            out.append(_Candidate(path, "hf", hf_config, index_files, "model.safetensors.index.json and its "
+                                  f"{len(index_files)} shard(s)", index=weight_map))
+        except CheckpointError as exc:
+            out.append(_Candidate(path, "hf", hf_config, [], "model.safetensors.index.json", problem=str(exc)))
+    if has("model.safetensors"):
+        out.append(_Candidate(path, "hf", hf_config, [os.path.join(path, "model.safetensors")], "model.safetensors"))
+    series = {}
+    for file in sorted(glob.glob(os.path.join(path, "model-*.safetensors"))):
+        m = re.fullmatch(r"model-(\d+)-of-(\d+)\.safetensors", os.path.basename(file))
+        series.setdefault(int(m[2]) if m else None, []).append(file)
+    for n, files in sorted(series.items(), key=lambda kv: kv[0] or 0):
+        what = f"{len(files)} model-*-of-{n:05d}.safetensors shard(s)" if n else "model-*.safetensors"
+        problem = None
+        if n and len(files) != n:
+            problem = f"{path}: only {len(files)} of the {n} shards model-*-of-{n:05d}.safetensors exist"
+        out.append(_Candidate(path, "hf", hf_config, files, what, problem=problem))
+        out[-1].same_as_index = index_files is not None and set(files) == set(index_files)
+    consolidated = sorted(glob.glob(os.path.join(path, "consolidated*.safetensors")))
+    if consolidated:
+        out.append(_Candidate(path, "consolidated", params, consolidated,
+                              f"params.json and {len(consolidated)} consolidated*.safetensors file(s)"))
+    if not out and hf_config and not params:  # a config alone, or with weights under other names
+        others = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if others:
+            out.append(_Candidate(path, "hf", hf_config, others, ", ".join(map(os.path.basename, others))))
+    return out, pickled
 
 
 def _index_files(path, index_path):
+    """(shard files, {tensor: shard name}) of an index, every shard existing."""
     try:
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
@@ -70,7 +228,56 @@ def _index_files(path, index_path):
         if not os.path.exists(os.path.join(path, name)):
             tensor = next(k for k, v in weight_map.items() if v == name)
             raise CheckpointError(f"{index_path}: shard {name} (holding {tensor}) does not exist")
-    return [os.path.join(path, name) for name in files]
+    return [os.path.join(path, name) for name in files], weight_map
+
+
+
+def _read_header(file):
+    """{name: (dtype, shape)} from a safetensors file's JSON header, with the file's size checked against it."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        out, end = {}, 0
+        for name, info in header.items():
+            out[name] = (info["dtype"], tuple(info["shape"]))
+            end = max(end, int(info["data_offsets"][1]))
+        if 8 + n + end > size:
+            raise ValueError(f"the data ends at byte {8 + n + end}, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    return out
+
+
+def _detect_layout(family, names, where):
+    """The layout whose MoE tensor names these are (for an HF-family candidate), or a CheckpointError naming the
+    layout found when it is not one we load."""
+    if family == "consolidated":
+        return "consolidated"
+    for suffix, what in _QUANTIZED:
+        hit = next((n for n in sorted(names) if n.endswith(suffix)), None)
+        if hit:
+            raise CheckpointError(f"{where}: found a {what} checkpoint (tensor {hit}); supported layouts (all of "
+                                  f"unquantized float weights): {_SUPPORTED}")
+    if any(".mlp.experts.gate_up_proj" in n or ".mlp.experts.down_proj" in n for n in names):
+        return "hf-fused"
+    if any(".switch_mlp." in n for n in names):
+        return "mlx"
+    if any(".feed_forward." in n or n.startswith("tok_embeddings.") for n in names):
+        raise CheckpointError(f"{where}: found Mistral consolidated tensor names (tok_embeddings, feed_forward) next "
+                              "to a config.json: the consolidated layout needs params.json and consolidated*.safetensors "
+                              f"file names; supported layouts: {_SUPPORTED}")
+    known = any(".block_sparse_moe.experts." in n for n in names) or not any(".layers." in n for n in names)
+    if not known:
+        common = ("self_attn.", "layernorm.", ".gate.weight", "embed_tokens.", "lm_head.", "model.norm.")
+        example = next((n for n in sorted(names) if not any(c in n for c in common)), sorted(names)[0])
+        raise CheckpointError(f"{where}: unrecognised checkpoint layout (e.g. tensor {example}); supported layouts: "
+                              f"{_SUPPORTED}")
+    return "hf"
 
 
 def _interleaved_to_rotate_half(w, n_heads, head_dim):
@@ -101,7 +308,9 @@ def expected_tensors(cfg, layout):
     def expert(e, part):  # part: 0 = w1 (even rows of w13), 1 = w3 (odd rows), None = w2
         return (lambda p: p[e, part::2]) if part is not None else (lambda p: p[e])
 
-    hf = layout == "hf"
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    hf = layout != "consolidated"
     out = {}
     top = (("model.embed_tokens.weight", "tok_embeddings.weight", "embed", (V, H)),
            ("model.norm.weight", "norm.weight", "norm", (H,)),
@@ -132,8 +341,22 @@ def expected_tensors(cfg, layout):
         out[names["k"]] = (f"{p}.attention.wqkv", (kv_rows, H), rows(q_rows, q_rows + kv_rows), permute_k)
         out[names["v"]] = (f"{p}.attention.wqkv", (kv_rows, H), rows(q_rows + kv_rows, q_rows + 2 * kv_rows), None)
         out[names["o"]] = (f"{p}.attention.wo", (H, q_rows), whole, None)
+        if layout == "hf-fused":  # router under mlp.gate; the experts stacked, w1 and w3 concatenated by row
+            m = f"model.layers.{n}.mlp"
+            names["gate"] = f"{m}.gate.weight"
+            # gate_up_proj[e] = w1[e] rows then w3[e] rows: seen as [E, 2, I, H], w13 as [E, I, 2, H] (its
+            # interleaved rows) swapped to [E, 2, I, H], so the copy is one strided view, no temporary.
+            out[f"{m}.experts.gate_up_proj"] = (f"{p}.moe.w13", (E, 2 * I, H),
+                                                lambda w: w.view(E, I, 2, H).transpose(1, 2),
+                                                lambda v: v.view(E, 2, I, H))
+            out[f"{m}.experts.down_proj"] = (f"{p}.moe.w2", (E, H, I), whole, None)
+        elif layout == "mlx":  # mlx-lm's SwitchGLU: the experts stacked, gate_proj = w1, up_proj = w3, down = w2
+            s_ = f"{m}.switch_mlp"
+            out[f"{s_}.gate_proj.weight"] = (f"{p}.moe.w13", (E, I, H), lambda w: w[:, 0::2], None)
+            out[f"{s_}.up_proj.weight"] = (f"{p}.moe.w13", (E, I, H), lambda w: w[:, 1::2], None)
+            out[f"{s_}.down_proj.weight"] = (f"{p}.moe.w2", (E, H, I), whole, None)
         out[names["gate"]] = (f"{p}.moe.gate", (E, H), whole, None)
-        for e in range(E):
+        for e in range(E) if layout in ("hf", "consolidated") else ():
             out[names["expert"].format(e=e, w="w1")] = (f"{p}.moe.w13", (I, H), expert(e, 0), None)
             out[names["expert"].format(e=e, w="w3")] = (f"{p}.moe.w13", (I, H), expert(e, 1), None)
             out[names["expert"].format(e=e, w="w2")] = (f"{p}.moe.w2", (H, I), expert(e, None), None)
@@ -146,57 +369,60 @@ def load_checkpoint(path, cfg, params, progress=True):
     unreadable tensor."""
     from safetensors import safe_open
 
-    layout, _, files = find_checkpoint(path)
+    layout, _, files = find_checkpoint(path, announce=False)  # from_pretrained has announced the choice
     expected = expected_tensors(cfg, layout)
     optional = {"lm_head.weight", "output.weight"} if cfg.tie_word_embeddings else set()
     device = next(iter(params.values())).device
     seen = {}
     bar = _progress(len(expected), progress, os.path.basename(os.path.normpath(path)))
-    for file in files:
-        # First pass: check every name, shape and dtype of the shard before reading any data.
-        chunks, chunk, chunk_bytes = [], [], 0
-        with _open(safe_open, file, device) as f:
-            for name in f.keys():
-                if name in optional:
-                    continue
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout Mixtral "
-                                          f"with this config)")
-                if name in seen:
-                    raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
-                sl = f.get_slice(name)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != expected[name][1]:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} "
-                                          f"from the config")
-                if dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of "
-                                          f"{sorted(_FLOAT_DTYPES)}")
-                seen[name] = os.path.basename(file)
-                nbytes = torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize
-                if chunk and chunk_bytes + nbytes > _CHUNK_BYTES:
-                    chunks.append(chunk)
-                    chunk, chunk_bytes = [], 0
-                chunk.append(name)
-                chunk_bytes += nbytes
-        chunks.append(chunk)
-        # Second pass, reopening the shard for every ~_CHUNK_BYTES of tensors: the memory map's pages that were
-        # read count towards the process's resident memory until the file is closed, so a 5 GB shard read in one
-        # go would show up as a second copy of that much of the model.
-        for chunk in chunks:
+    try:
+        for file in files:
+            # First pass: check every name, shape and dtype of the shard before reading any data.
+            chunks, chunk, chunk_bytes = [], [], 0
             with _open(safe_open, file, device) as f:
-                for name in chunk:
-                    param, _, place, transform = expected[name]
-                    try:
-                        value = f.get_tensor(name)
-                    except Exception as exc:
-                        raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
-                    if transform is not None:
-                        value = transform(value)
-                    place(params[param]).copy_(value)
-                    del value
-                    bar.update(1)
-    bar.close()
+                for name in f.keys():
+                    if name in optional:
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout Mixtral "
+                                              f"with this config)")
+                    if name in seen:
+                        raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
+                    sl = f.get_slice(name)
+                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    if shape != expected[name][1]:
+                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} "
+                                              f"from the config")
+                    if dtype not in _FLOAT_DTYPES:
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of "
+                                              f"{sorted(_FLOAT_DTYPES)}")
+                    seen[name] = os.path.basename(file)
+                    nbytes = torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize
+                    if chunk and chunk_bytes + nbytes > _CHUNK_BYTES:
+                        chunks.append(chunk)
+                        chunk, chunk_bytes = [], 0
+                    chunk.append(name)
+                    chunk_bytes += nbytes
+            chunks.append(chunk)
+            # Second pass, reopening the shard for every ~_CHUNK_BYTES of tensors: the memory map's pages that were
+            # read count towards the process's resident memory until the file is closed, so a 5 GB shard read in one
+            # go would show up as a second copy of that much of the model.
+            for chunk in chunks:
+                with _open(safe_open, file, device) as f:
+                    for name in chunk:
+                        param, _, place, transform = expected[name]
+                        try:
+                            value = f.get_tensor(name)
+                        except Exception as exc:
+                            raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
+                        if transform is not None:
+                            value = transform(value)
+                        place(params[param]).copy_(value)
+                        del value
+                        bar.update(1)
+    finally:
+        # Closed before an error propagates: a bar redrawn after the error message would hide it.
+        bar.close()
     missing = [name for name in expected if name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -197,7 +197,7 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 
 def test_unreadable_index(tmp_path):
-    path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
+    path = _write_hf(tmp_path, {}, weights=False)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         f.write("{not json")
     _expect(path, r"model\.safetensors\.index\.json: unreadable shard index")
