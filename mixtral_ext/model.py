@@ -206,24 +206,66 @@ class MoE(nn.Module):
 
 
 class ModelTooLargeError(RuntimeError):
-    """The model's weights do not fit in the target GPU's free memory."""
+    """The model's weights do not fit in the target device's free memory (the GPU's, or the host's on the CPU)."""
+
+
+def host_memory():
+    """(available, total) bytes of host memory for this process: MemAvailable of /proc/meminfo, lowered to what
+    the cgroup (a container's memory limit) still allows. (None, None) where neither can be read."""
+    available = total = None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        available, total = info.get("MemAvailable"), info.get("MemTotal")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            available = left if available is None else min(available, left)
+            total = int(limit) if total is None else min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return available, total
 
 
 def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30):
     """Fail before allocating when the weights (plus `headroom` for activations and a small KV cache) exceed the
-    GPU's free memory. free_bytes/total_bytes default to torch.cuda.mem_get_info(device)."""
+    free memory of the target: the GPU's (torch.cuda.mem_get_info), or on the CPU the host's (host_memory(): the
+    OOM killer would otherwise end the process without a word). free_bytes/total_bytes override the measurement."""
     from .weights import param_bytes
     device = torch.device(device)
-    if device.type != "cuda" and free_bytes is None:
-        return
     if free_bytes is None:
-        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        if device.type == "cuda":
+            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        elif device.type == "cpu":
+            free_bytes, total_bytes = host_memory()
+        if free_bytes is None:
+            return
     needed = param_bytes(cfg, dtype)
     if needed + headroom > free_bytes:
         gib = 2.0 ** 30
         total = f" of {total_bytes / gib:.1f} GiB" if total_bytes else ""
-        raise ModelTooLargeError(
-            f"Mixtral ({cfg.num_hidden_layers} layers, {str(dtype).replace('torch.', '')}) needs "
-            f"{needed / gib:.1f} GiB for its weights plus {headroom / gib:.1f} GiB headroom, but {device} has "
-            f"{free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 holds Mixtral-8x7B in "
-            f"bf16); int8 expert weights, which would halve the need, are not implemented yet.")
+        name = str(dtype).replace("torch.", "")
+        head = (f"Mixtral ({cfg.num_hidden_layers} layers, {name}) needs {needed / gib:.1f} GiB for its weights plus "
+                f"{headroom / gib:.1f} GiB headroom, but ")
+        if device.type == "cuda":
+            raise ModelTooLargeError(
+                head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 holds "
+                f"Mixtral-8x7B in bf16); int8 expert weights, which would halve the need, are not implemented yet.")
+        smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+                   if param_bytes(cfg, d) < needed and param_bytes(cfg, d) + headroom <= free_bytes]
+        if smaller:
+            d, flag = smaller[0]
+            hint = (f"In {str(d).replace('torch.', '')} it needs {param_bytes(cfg, d) / gib:.1f} GiB, which fits: "
+                    f"pass dtype=torch.{str(d).replace('torch.', '')} (mixtral-ext --dtype {flag}).")
+        else:
+            low = param_bytes(cfg, torch.bfloat16)
+            hint = (f"Even bfloat16 needs {low / gib:.1f} GiB: use a machine with more memory, or a GPU "
+                    f"(device=\"cuda\").")
+        raise ModelTooLargeError(head + f"this machine has {free_bytes / gib:.1f} GiB of memory available{total}. "
+                                 + hint)

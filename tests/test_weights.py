@@ -307,3 +307,30 @@ def test_in_memory_transformers_state_equals_its_checkpoint():
     with pytest.raises(CheckpointError, match=r"transformers state: tensor model\.layers\.0\.block_sparse_moe\."
                                               r"experts\.0\.w2\.weight missing"):
         load_transformers_state(state, ref.config, dict(model.named_parameters()))
+
+
+def test_model_too_large_for_host_memory_fails_early_and_names_a_dtype_that_fits(monkeypatch, tmp_path):
+    """On the CPU the host's available memory is checked before allocating (the OOM killer would end the process
+    silently): Mixtral-8x7B in float32 (187 GB) on a 128 GiB machine names bfloat16, which fits."""
+    cfg = MixtralConfig.from_name("mixtral-8x7b")
+    with pytest.raises(ModelTooLargeError, match=r"float32\) needs 174\.\d GiB .* this machine has 120\.0 GiB of "
+                                                 r"memory available of 128\.0 GiB\. In bfloat16 it needs 87\.\d GiB, "
+                                                 r"which fits: pass dtype=torch\.bfloat16 \(mixtral-ext --dtype bf16\)"):
+        check_fits(cfg, torch.float32, "cpu", free_bytes=120 * 2 ** 30, total_bytes=128 * 2 ** 30)
+    with pytest.raises(ModelTooLargeError, match=r"Even bfloat16 needs 87\.\d GiB: use a machine with more memory"):
+        check_fits(cfg, torch.bfloat16, "cpu", free_bytes=24 * 2 ** 30)
+    check_fits(cfg, torch.bfloat16, "cpu", free_bytes=120 * 2 ** 30)
+    # from_pretrained measures the host (mixtral_ext.model.host_memory) and fails before allocating anything.
+    import mixtral_ext.model as model_mod
+    path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
+    need = param_bytes(mx.MixtralConfig.from_pretrained(path), torch.float32)
+    monkeypatch.setattr(model_mod, "host_memory", lambda: ((1 << 30) + need // 2, None))
+    monkeypatch.setattr(model_mod.Mixtral, "__init__", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(ModelTooLargeError, match=r"In bfloat16 it needs 0\.0 GiB, which fits"):
+        mx.Mixtral.from_pretrained(path, progress=False)
+
+
+def test_host_memory_is_measured():
+    from mixtral_ext.model import host_memory
+    available, total = host_memory()
+    assert 0 < available <= total
