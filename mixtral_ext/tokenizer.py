@@ -14,8 +14,10 @@ turn is `encode(content) + [EOS]`; the whole conversation starts with one BOS. T
 as tok("[INST]") + tok(content) + tok("[/INST]"), which gives the same ids for content without leading or trailing
 whitespace (sentencepiece here never merges across a space); mistral_common's single string is what we follow.
 """
+import json
 import operator
 import os
+import re
 from collections.abc import Mapping
 
 import sentencepiece as spm
@@ -26,6 +28,8 @@ BUNDLED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "da
 # mistral_common v1 joins the contents it merges (consecutive same-role messages, text chunks, several system
 # messages, the system prompt and the first user message) with this separator.
 _JOIN = "\n\n"
+_MAX_ID = 1 << 31  # token ids are int32 in every format we read
+_MARK = ("\U000f0000", "\U000f0001")  # private-use characters around control-token text inside a message
 _ROLES = ("system", "user", "assistant")
 _KEYS = {"system": {"role", "content"}, "user": {"role", "content"},
          "assistant": {"role", "content", "tool_calls", "prefix"}}
@@ -34,10 +38,10 @@ _KEYS = {"system": {"role", "content"}, "user": {"role", "content"},
 class Tokenizer:
     """A sentencepiece model plus Mixtral's special ids and chat format."""
 
-    def __init__(self, processor, path=None):
+    def __init__(self, processor, path=None, extras=None):
         self.sp = processor
         self.path = path
-        self.vocab_size = processor.vocab_size()
+        self.sp_size = processor.vocab_size()
         self.bos_id = processor.bos_id()
         self.eos_id = processor.eos_id()
         self.unk_id = processor.unk_id()
@@ -45,8 +49,20 @@ class Tokenizer:
             raise ValueError(f"{path}: this sentencepiece model defines no BOS/EOS tokens; not a Mixtral tokenizer")
         # What decode(skip_special_tokens=True) drops: control tokens (<s>, </s>) and <unk>, which sentencepiece
         # would otherwise render as " ⁇ ".
-        self._special = frozenset(i for i in range(self.vocab_size)
-                                  if processor.is_control(i) or processor.is_unknown(i))
+        self._special = set(i for i in range(self.sp_size) if processor.is_control(i) or processor.is_unknown(i))
+        # A fine-tune's tokenizer files (HFExtras): tokens added beyond the sentencepiece model ({id: (text,
+        # special)}), its chat template, and the `tokenizers` tokenizer that encodes what the template renders.
+        self.extras = extras or HFExtras()
+        self.added = {i: t for i, t in self.extras.added.items() if i >= self.sp_size}
+        self._special.update(i for i, (_, special) in self.added.items() if special)
+        self._special = frozenset(self._special)
+        for name in ("bos", "eos"):  # the checkpoint's tokenizer_config.json may name another one (ChatML: <|im_end|>)
+            text = self.extras.tokens.get(name)
+            i = self.token_to_id(text) if text else None
+            if i is not None:
+                setattr(self, f"{name}_id", i)
+        self.vocab_size = max([self.sp_size] + [i + 1 for i in self.added])
+        self._warned = set()
 
     @classmethod
     def from_pretrained(cls, path):
@@ -68,7 +84,7 @@ class Tokenizer:
             processor.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError, TypeError) as exc:
             raise ValueError(f"{path}: not a valid sentencepiece model ({exc})") from None
-        return cls(processor, path)
+        return cls(processor, path, HFExtras.read(os.path.dirname(os.path.abspath(path))))
 
     @classmethod
     def bundled(cls):
@@ -77,6 +93,22 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+    def token_to_id(self, text):
+        """The id of a whole token written as text ("<s>", "<|im_end|>"), or None."""
+        for i, (content, _) in self.added.items():
+            if content == text:
+                return i
+        i = self.sp.piece_to_id(text)
+        return i if i != self.unk_id or text == self.sp.id_to_piece(self.unk_id) else None
+
+    def control_strings(self, text):
+        """The substrings of `text` that spell a control token ("<s>", "[INST]", an added special token): encode()
+        and encode_chat() keep them literal text, which a user pasting a model card's prompt may not expect."""
+        names = {self.sp.id_to_piece(i) for i in (self.bos_id, self.eos_id) if i < self.sp_size}
+        names |= {"[INST]", "[/INST]"} | {content for content, special in self.added.values() if special}
+        names |= {t for t in self.extras.tokens.values() if t}
+        return sorted(n for n in names if n and n in text)
 
     # ---- plain text ------------------------------------------------------------------------------------------------
     def encode(self, text, add_bos=True, add_eos=False):
@@ -90,12 +122,14 @@ class Tokenizer:
         """Text of `ids` (a list of ints or a 1-D tensor). Special tokens are dropped, or with
         skip_special_tokens=False written as their pieces ("<s>", "</s>", "<unk>")."""
         ids = self._check_ids(ids)
-        if skip_special_tokens:
-            return self.sp.decode([i for i in ids if i not in self._special])
+        if skip_special_tokens and not self.added:
+            return self.sp.decode([i for i in ids if i not in self._special and i < self.sp_size])
         parts, run = [], []
         for i in ids + [None]:
-            if i is not None and i not in self._special:
+            if i is not None and i not in self._special and i < self.sp_size:
                 run.append(i)
+                continue
+            if i is not None and skip_special_tokens and i in self._special:
                 continue
             if run:
                 text = self.sp.decode(run)
@@ -106,11 +140,15 @@ class Tokenizer:
                 parts.append(text)
                 run = []
             if i is not None:
-                parts.append(self.sp.id_to_piece(i))
+                parts.append(self.id_to_piece(i))
         return "".join(parts)
 
     def id_to_piece(self, i):
-        return self.sp.id_to_piece(self._check_ids([i])[0])
+        """The piece of id i; an added token's text; "" for an id beyond both (a model's padded vocabulary)."""
+        (i,) = self._check_ids([i])
+        if i < self.sp_size:
+            return self.sp.id_to_piece(i)
+        return self.added.get(i, ("", False))[0]
 
     def stream_decoder(self, context=(), skip_special_tokens=True):
         """A StreamDecoder for ids that continue `context` (e.g. the prompt's ids): its first piece keeps its
@@ -125,14 +163,104 @@ class Tokenizer:
             if isinstance(i, bool) or not hasattr(i, "__index__"):
                 raise TypeError(f"token ids must be ints, got {type(i).__name__}")
             i = operator.index(i)  # numpy / torch integer scalars too
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            # Ids past the tokenizer are the model's: added tokens, or the padding of a vocabulary rounded up to a
+            # multiple of 64/128 (they decode to nothing). Only what no vocabulary holds is an error.
+            if not 0 <= i < _MAX_ID:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size}) and of any model's")
             out.append(i)
         return out
 
     # ---- chat ------------------------------------------------------------------------------------------------------
+    @property
+    def uses_template(self):
+        """Whether encode_chat renders the checkpoint's own chat template: yes for a fine-tune's format (ChatML...),
+        no without a template or with one in Mistral's [INST] format (Mixtral-Instruct's own), which mistral_common's
+        v1 encoding below reproduces token for token (the template rendering would differ in spaces)."""
+        template = self.extras.chat_template
+        return template is not None and "[INST]" not in template
+
+    def _encode_template(self, messages):
+        """Render the checkpoint's chat template as transformers' apply_chat_template(add_generation_prompt=True)
+        does (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks; messages, add_generation_prompt,
+        tools=None, documents=None and the special tokens' texts bos_token, eos_token, unk_token, pad_token as
+        variables; raise_exception, strftime_now, tojson) and encode the result without adding special tokens.
+        Control-token text inside a message stays literal text (transformers' sanitize_control_tokens=True), so a
+        message cannot forge a turn."""
+        for n, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+                raise ValueError(f"message {n}: expected a dict with a 'role' and a 'content'")
+            if m.get("prefix"):
+                raise ValueError(f"message {n}: 'prefix' (continuing an answer) is not supported with a chat template")
+        controls = set()
+        for m in messages:
+            if isinstance(m.get("content"), str):
+                controls.update(self.control_strings(m["content"]))
+        if not controls:
+            return self._encode_controls(self.extras.render(messages, self._template_tokens()))
+        # Control-token text in a message is wrapped in two private-use marks (marks already there are dropped
+        # first, so none can be forged), the template renders, and each marked span is encoded as plain text.
+        pattern = re.compile("|".join(map(re.escape, sorted(controls, key=len, reverse=True))))
+        marked = []
+        for m in messages:
+            m = dict(m)
+            if isinstance(m.get("content"), str):
+                text = m["content"].replace(_MARK[0], "").replace(_MARK[1], "")
+                m["content"] = pattern.sub(lambda x: _MARK[0] + x.group(0) + _MARK[1], text)
+            marked.append(m)
+        ids = []
+        rendered = self.extras.render(marked, self._template_tokens())
+        for k, part in enumerate(re.split(f"{_MARK[0]}(.*?){_MARK[1]}", rendered, flags=re.S)):
+            part = part.replace(_MARK[0], "").replace(_MARK[1], "")
+            if not part:
+                continue
+            encode = self._encode_literal if k % 2 else self._encode_controls
+            if not ids:
+                ids = encode(part)
+                continue
+            # A piece that continues the text must not get the prefix space sentencepiece gives the start of a
+            # text: encoded after a newline, whose ids are then taken off again.
+            newline = encode("\n")
+            piece = encode("\n" + part)
+            ids += piece[len(newline):] if piece[:len(newline)] == newline else encode(part)
+        return ids
+
+    def _template_tokens(self):
+        out = {f"{name}_token": self.extras.tokens.get(name) for name in ("bos", "eos", "unk", "pad")}
+        out["bos_token"] = out["bos_token"] or self.sp.id_to_piece(self.bos_id)
+        out["eos_token"] = out["eos_token"] or self.id_to_piece(self.eos_id)
+        out["unk_token"] = out["unk_token"] or self.sp.id_to_piece(self.unk_id)
+        return out
+
+    def _encode_controls(self, text):
+        """Ids of template output: control-token texts become their ids. With the checkpoint's tokenizer.json, the
+        `tokenizers` library encodes it (transformers' fast tokenizer, identical ids); without it, the text is split
+        at the added tokens' and <s>/</s> texts and sentencepiece encodes each piece."""
+        if self.extras.fast is not None:
+            return self.extras.fast.encode(text, add_special_tokens=False).ids
+        controls = {self.id_to_piece(i): i for i in (self.bos_id, self.eos_id)}
+        controls.update({content: i for i, (content, _) in self.added.items()})
+        ids = []
+        pattern = "(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")"
+        for k, part in enumerate(re.split(pattern, text)):
+            if k % 2:
+                ids.append(controls[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
+
+    def _encode_literal(self, text):
+        if self.extras.fast is not None:
+            self.extras.fast.encode_special_tokens = True  # "<|im_end|>" in a message is its characters
+            try:
+                return self.extras.fast.encode(text, add_special_tokens=False).ids
+            finally:
+                self.extras.fast.encode_special_tokens = False
+        return self.sp.encode(text)
+
     def encode_chat(self, messages):
         """Token ids of a conversation in Mistral's v1 Instruct format, ready for generation of the next answer.
+        (When the checkpoint has a chat template of its own, not in the [INST] format, that template is rendered
+        instead: see uses_template.)
 
         `messages`: dicts {"role": "system" | "user" | "assistant", "content": str or [{"type": "text", "text":
         str}, ...]}; an assistant message may carry "prefix": True (only as the last message: the answer is
@@ -147,6 +275,8 @@ class Tokenizer:
         """
         if isinstance(messages, (str, bytes, Mapping)) or not hasattr(messages, "__iter__"):
             raise ValueError("encode_chat expects a list of messages (dicts with 'role' and 'content')")
+        if self.uses_template:
+            return self._encode_template(list(messages))
         msgs = [_check_message(m, n) for n, m in enumerate(messages)]
         _check_structure(msgs)
 
@@ -198,7 +328,7 @@ class StreamDecoder:
     def __init__(self, tokenizer, context=(), skip_special_tokens=True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._ids = [i for i in tokenizer._check_ids(context) if i not in tokenizer._special]
+        self._ids = [i for i in tokenizer._check_ids(context) if i not in tokenizer._special and i < tokenizer.sp_size]
         self._prefix = 0  # window start: a clean point one emitted chunk back
         self._read = len(self._ids)  # everything before this has been emitted
         # Once any text precedes the window, its first piece keeps its prefix space (only the very first piece of
@@ -210,11 +340,11 @@ class StreamDecoder:
         if hasattr(token_id, "item"):
             token_id = token_id.item()
         (token_id,) = self.tokenizer._check_ids([token_id])
-        if token_id in self.tokenizer._special:
-            if self.skip_special_tokens:
+        if token_id in self.tokenizer._special or token_id >= self.tokenizer.sp_size:
+            if self.skip_special_tokens and token_id in self.tokenizer._special:
                 return ""
-            text = self.flush() + self.tokenizer.sp.id_to_piece(token_id)
-            self._started = True
+            text = self.flush() + self.tokenizer.id_to_piece(token_id)  # an added token's text, or ""
+            self._started = self._started or bool(text)
             return text
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix:self._read])
@@ -316,3 +446,107 @@ def _check_structure(msgs):
     if len(msgs) > 1 and last["role"] == "assistant" and not last["prefix"]:
         raise ValueError("the conversation ends with an assistant message: nothing is left to generate (give it "
                          "'prefix': True to have the model continue that answer)")
+
+
+class HFExtras:
+    """What a checkpoint's Hugging Face tokenizer files add to tokenizer.model: added tokens ({id: (text,
+    special)}) from tokenizer.json (read with the `tokenizers` library, which then also encodes template output) and
+    tokenizer_config.json's added_tokens_decoder; the chat template (chat_template.jinja, chat_template.json or
+    tokenizer_config.json's "chat_template"); the special tokens' texts ({"bos": "<s>", "eos": "<|im_end|>"...})."""
+
+    def __init__(self, added=None, chat_template=None, tokens=None, fast=None, source=None):
+        self.added, self.chat_template, self.tokens, self.fast = added or {}, chat_template, tokens or {}, fast
+        self.source = source
+        self._compiled = None
+
+    @classmethod
+    def read(cls, directory):
+        added, tokens, template, fast = {}, {}, None, None
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        if config:
+            for i, entry in (config.get("added_tokens_decoder") or {}).items():
+                if isinstance(entry, Mapping) and isinstance(entry.get("content"), str) and str(i).isdigit():
+                    added[int(i)] = (entry["content"], bool(entry.get("special", True)))
+            for name in ("bos", "eos", "unk", "pad"):
+                value = config.get(f"{name}_token")
+                value = value.get("content") if isinstance(value, Mapping) else value
+                if isinstance(value, str):
+                    tokens[name] = value
+            template = config.get("chat_template")
+        path = os.path.join(directory, "tokenizer.json")
+        if os.path.isfile(path):
+            try:
+                import tokenizers
+                fast = tokenizers.Tokenizer.from_file(path)
+            except ImportError:
+                fast = None  # the template still renders; added tokens come from tokenizer_config.json
+            except Exception as exc:  # tokenizers raises its own Exception subclass for a bad file
+                raise ValueError(f"{path}: not a valid tokenizer.json ({exc})") from None
+            if fast is not None:
+                for i, token in fast.get_added_tokens_decoder().items():
+                    added[int(i)] = (token.content, bool(token.special))
+        jinja = os.path.join(directory, "chat_template.jinja")
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                template = f.read()
+        elif os.path.isfile(os.path.join(directory, "chat_template.json")):
+            template = (_read_json(os.path.join(directory, "chat_template.json")) or {}).get("chat_template", template)
+        if isinstance(template, list):  # several named templates: transformers' default is the one named "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            template = None
+        return cls(added, template, tokens, fast, directory)
+
+    def render(self, messages, special_tokens):
+        if self._compiled is None:
+            self._compiled = _compile_template(self.chat_template, self.source)
+        try:
+            import jinja2
+            return self._compiled.render(messages=messages, add_generation_prompt=True, tools=None, documents=None,
+                                         **special_tokens)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template of {self.source} refused the conversation: {exc}") from None
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _compile_template(template, source):
+    """A chat template compiled the way transformers compiles it: templates come from the Hub and are untrusted,
+    so the environment is jinja2's immutable sandbox."""
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError(f"{source} has a chat template of its own; rendering it needs jinja2 "
+                          f"(pip install jinja2)") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"{source}: the chat template does not compile ({exc})") from None

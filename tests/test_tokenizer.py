@@ -148,7 +148,8 @@ def test_decode_special_tokens(tok, sp):
         assert kept.count("</s>") >= ids.count(2)
     assert tok.decode([1, 22557, 2], skip_special_tokens=False) == "<s> Hello</s>"
     assert tok.decode([0]) == ""  # sentencepiece alone renders <unk> as " ⁇ "
-    for bad in ([32000], [-1], [5, 1 << 40]):
+    assert tok.decode([22557, 32000, 32001]) == "Hello"  # ids past the tokenizer (a padded vocabulary): nothing
+    for bad in ([-1], [5, 1 << 40]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             tok.decode(bad)
     with pytest.raises(TypeError):
@@ -205,5 +206,6 @@ def test_stream_accepts_tensor_ids(tok):
     ids = tok.encode("tensors, one at a time: 日本")
     dec = tok.stream_decoder()
     assert "".join(dec.put(torch.tensor([i])) for i in ids) + dec.flush() == tok.decode(ids)
+    assert dec.put(40000) == "" and dec.flush() == ""  # past every piece (a padded vocabulary): never a crash
     with pytest.raises(ValueError):
-        dec.put(40000)
+        dec.put(-3)
