@@ -141,7 +141,7 @@ def _new_state(model, batch, length, use_graph, fallback):
 
 def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
              repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, seed=None, stream=False,
-             use_cuda_graph=None, sync_every=8):
+             use_cuda_graph=None, sync_every=8, attention_mask=None):
     """Generate up to max_new_tokens new tokens per sequence.
 
     input_ids: a LongTensor [B, T] (every row a whole prompt), a list of ints (one prompt) or a list of id lists
@@ -156,9 +156,26 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     returns an iterator instead: each item is a list of B ints, the token each sequence produced at that step
     (pad_token_id for a sequence that already stopped); it ends when every sequence has stopped or after
     max_new_tokens items, and its return value (StopIteration.value) is the tensor above.
+
+    attention_mask: as transformers', for a batch padded to one length [B, T]: 1 for a prompt token, 0 for padding,
+    which must be on the left (a row is 0...0 1...1; right padding or holes are a ValueError). Each row then runs as
+    its own prompt, and the result is [B, T + new]: input_ids as given, then the new tokens (transformers' shape).
+    Without a mask, a padded tensor is taken as it is, unless pad_token_id (given, or the config's) is not an EOS
+    id and occurs in input_ids: then the mask is input_ids != pad_token_id, as transformers infers it.
     """
     cfg = model.config
+    padded = None  # the caller's padded [B, T] batch, when a mask says which tokens are prompts
+    pad_given = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    stops = cfg.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    if (attention_mask is None and isinstance(input_ids, torch.Tensor) and isinstance(pad_given, int)
+            and pad_given not in stops and bool((input_ids == pad_given).any())):
+        attention_mask = input_ids != pad_given
+    if attention_mask is not None:
+        input_ids, padded = _unpad(input_ids, attention_mask)
     prompts, out_device = _prompts(input_ids, cfg.vocab_size)
+    if padded is not None:
+        out_device = padded.device
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     longest = max(len(p) for p in prompts)
@@ -195,6 +212,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
                       float(repetition_penalty), eos, pad, seed, stream, use_graph, use_cuda_graph is None,
                       sync_every, out_device)
+    if padded is not None:
+        steps = _repad(steps, padded, max(len(p) for p in prompts))
     if stream:
         return steps
     while True:
@@ -202,6 +221,38 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def _unpad(input_ids, attention_mask):
+    """(the rows' prompts, the padded batch as a tensor) of a left-padded batch; see generate's attention_mask."""
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else torch.tensor(attention_mask)
+    if ids.dim() == 1:
+        ids, mask = ids[None], mask[None] if mask.dim() == 1 else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match")
+    mask = mask.to("cpu")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt token)")
+    mask = mask.bool()
+    prompts = []
+    for b in range(ids.shape[0]):
+        row = mask[b]
+        n = int(row.sum())
+        if n == 0:
+            raise ValueError(f"attention_mask: row {b} is all padding (each prompt needs at least one token)")
+        if not bool(row[ids.shape[1] - n:].all()):
+            side = "right padding" if bool(row[0]) else "padding between prompt tokens"
+            raise ValueError(f"attention_mask: row {b} has {side}; generation continues a prompt from its end, so "
+                             f"pad on the left (transformers: tokenizer.padding_side = 'left')")
+        prompts.append(ids[b, ids.shape[1] - n:].tolist())
+    return prompts, ids
+
+
+def _repad(steps, padded, longest):
+    """generate()'s steps with the result re-based on the caller's padded batch: [B, T + new]."""
+    result = yield from steps
+    return torch.cat([padded.to(result.device), result[:, longest:].to(padded.dtype)], dim=1)
 
 
 def _prompts(input_ids, vocab_size):

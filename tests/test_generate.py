@@ -179,3 +179,60 @@ def test_cpu_never_uses_cuda_graphs():
     assert model._decode_states and all(s.graph is None for s in model._decode_states.values())
     model.release_cache()
     assert not model._decode_states
+
+
+# ---- transformers-style padded batches -----------------------------------------------------------------------------
+def _left_padded(name, lens, pad=0):
+    prompts = [_prompt(name, n, seed=10 + n) for n in lens]
+    T = max(lens) + 2  # more padding than needed: every row is padded, as after truncation to a fixed length
+    ids = torch.full((len(lens), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return prompts, ids, mask
+
+
+def test_left_padded_batch_with_attention_mask_equals_one_by_one_and_transformers():
+    """Each row of a left-padded batch gives what its own prompt alone gives; the result is [B, T + new] with
+    input_ids as passed in front, like transformers' generate (which is compared token for token)."""
+    name = "gqa3_odd"
+    hf, _ = hf_checkpoint(name)
+    model = ours(name)
+    prompts, ids, mask = _left_padded(name, [3, 9, 6])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert out.shape == (3, ids.shape[1] + 8) and torch.equal(out[:, :ids.shape[1]], ids)
+    for b, p in enumerate(prompts):
+        alone = model.generate([p], max_new_tokens=8)[0, len(p):]
+        assert torch.equal(out[b, ids.shape[1]:], alone), b
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    streamed = model.generate(ids, attention_mask=mask.tolist(), max_new_tokens=8, stream=True)
+    steps = []
+    while True:
+        try:
+            steps.append(next(streamed))
+        except StopIteration as done:
+            assert torch.equal(done.value, out)
+            break
+    assert torch.equal(torch.tensor(steps).T, out[:, ids.shape[1]:])
+
+
+def test_pad_token_id_infers_the_mask_like_transformers():
+    model = ours("gqa3_odd")
+    prompts, ids, mask = _left_padded("gqa3_odd", [4, 7], pad=96)
+    assert torch.equal(model.generate(ids, pad_token_id=96, eos_token_id=[], max_new_tokens=5),
+                       model.generate(ids, attention_mask=mask, pad_token_id=96, eos_token_id=[], max_new_tokens=5))
+
+
+@pytest.mark.parametrize("mask, message", [
+    ([[1, 1, 1, 0], [1, 1, 1, 1]], r"row 0 has right padding; .*pad on the left"),
+    ([[0, 1, 0, 1], [1, 1, 1, 1]], r"row 0 has padding between prompt tokens"),
+    ([[0, 0, 0, 0], [1, 1, 1, 1]], r"row 0 is all padding"),
+    ([[1, 1, 1], [1, 1, 1]], r"attention_mask has shape \(2, 3\), input_ids \(2, 4\)"),
+    ([[2, 1, 1, 1], [1, 1, 1, 1]], r"only 0 \(padding\) and 1"),
+])
+def test_attention_mask_errors(mask, message):
+    with pytest.raises(ValueError, match=message):
+        ours("gqa3_odd").generate(torch.ones(2, 4, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
