@@ -139,9 +139,50 @@ def _new_state(model, batch, length, use_graph, fallback):
     return DecodeState(model, batch, length, False)
 
 
+class PrefixCache:
+    """A conversation's KV cache kept between generate() calls (generate(..., prefix_cache=c), one sequence): a
+    prompt that starts with the tokens already cached (the history, for a chat's next turn) prefills only the rest.
+
+    tokens: the ids whose keys and values the cache holds, in order (a prompt, then each generated token that was
+    fed back). A new prompt reuses their longest common prefix with it, so a history that was re-encoded differently
+    costs a longer prefill, never a wrong answer: the cached keys of a position depend only on the tokens before it.
+    last_prefill: how many tokens the last call prefilled."""
+
+    def __init__(self):
+        self.state, self.tokens, self.last_prefill = None, [], 0
+
+    def reset(self):
+        self.tokens = []
+
+    def _prepare(self, model, prompt, needed, use_graph, fallback):
+        """(the DecodeState to run in, how many leading tokens of prompt are cached already)."""
+        state = self.state
+        if state is not None and state.weights != weights_key(model):
+            self.state = state = None
+            self.tokens = []
+        if state is None or state.length < needed or (state.graph is not None) != use_graph:
+            # Room for the next turns too; the keys and values cached so far move into the new cache.
+            length = min(-(-2 * needed // 256) * 256, model.config.max_position_embeddings)
+            new = _new_state(model, 1, max(length, needed), use_graph, fallback)
+            if state is not None:
+                n = min(len(self.tokens), state.length)
+                new.cache.k[:, :, :n].copy_(state.cache.k[:, :, :n])
+                new.cache.v[:, :, :n].copy_(state.cache.v[:, :, :n])
+                self.tokens = self.tokens[:n]
+            self.state = state = new
+        reuse = 0
+        for a, b in zip(self.tokens, prompt[:-1]):  # at least the last prompt token is prefilled: its logits
+            if a != b:
+                break
+            reuse += 1
+        self.tokens = list(prompt)
+        self.last_prefill = len(prompt) - reuse
+        return state, reuse
+
+
 def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
              repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, seed=None, stream=False,
-             use_cuda_graph=None, sync_every=8, attention_mask=None):
+             use_cuda_graph=None, sync_every=8, attention_mask=None, prefix_cache=None):
     """Generate up to max_new_tokens new tokens per sequence.
 
     input_ids: a LongTensor [B, T] (every row a whole prompt), a list of ints (one prompt) or a list of id lists
@@ -162,6 +203,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     its own prompt, and the result is [B, T + new]: input_ids as given, then the new tokens (transformers' shape).
     Without a mask, a padded tensor is taken as it is, unless pad_token_id (given, or the config's) is not an EOS
     id and occurs in input_ids: then the mask is input_ids != pad_token_id, as transformers infers it.
+
+    prefix_cache: a PrefixCache (one prompt only): the part of the prompt it holds already is not prefilled again.
     """
     cfg = model.config
     padded = None  # the caller's padded [B, T] batch, when a mask says which tokens are prompts
@@ -209,9 +252,11 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     use_graph = can_graph if use_cuda_graph is None else bool(use_cuda_graph)
     if use_cuda_graph is None and getattr(model, "_graph_capture_error", None):
         use_graph = False  # a capture already failed on this model (warned then)
+    if prefix_cache is not None and len(prompts) != 1:
+        raise ValueError(f"prefix_cache holds one conversation; input_ids has {len(prompts)} prompts")
     steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
                       float(repetition_penalty), eos, pad, seed, stream, use_graph, use_cuda_graph is None,
-                      sync_every, out_device)
+                      sync_every, out_device, prefix_cache)
     if padded is not None:
         steps = _repad(steps, padded, max(len(p) for p in prompts))
     if stream:
@@ -288,15 +333,19 @@ def _prompts(input_ids, vocab_size):
 
 @torch.inference_mode()
 def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, penalty, eos, pad, seed, stream,
-              use_graph, graph_fallback, sync_every, out_device):
+              use_graph, graph_fallback, sync_every, out_device, prefix_cache=None):
     dev, V = model.device, model.config.vocab_size
     B, lens = len(prompts), [len(p) for p in prompts]
     longest = max(lens)
     new = torch.full((B, max_new), pad, dtype=torch.long, device=dev)  # [B, new]
     n_keep = 0
     if max_new > 0:
-        state = decode_state(model, B, longest + max_new, use_graph, graph_fallback)
-        logits = model.prefill(prompts, state.cache)  # [B, V]
+        if prefix_cache is None:
+            state = decode_state(model, B, longest + max_new, use_graph, graph_fallback)
+            logits = model.prefill(prompts, state.cache)  # [B, V]
+        else:
+            state, reuse = prefix_cache._prepare(model, prompts[0], longest + max_new, use_graph, graph_fallback)
+            logits = model.prefill([prompts[0][reuse:]], state.cache, starts=[reuse])
         state.positions.copy_(torch.tensor(lens, dtype=torch.int32))
         generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
         seen = None  # [B, V] bool: tokens each sequence holds so far (for the repetition penalty)
@@ -328,6 +377,8 @@ def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, pen
             state.tokens.copy_(nxt)
             logits = state.step(model)
             state.positions += 1
+            if prefix_cache is not None:  # one sequence; its token is on the host already when streaming
+                prefix_cache.tokens.append(int(nxt[0]))
         # transformers stops at the step where the last sequence stopped: drop the columns after it.
         n_keep = int(stop_step.max()) + 1
     out = torch.full((B, longest + n_keep), pad, dtype=torch.long)

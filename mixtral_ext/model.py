@@ -118,16 +118,19 @@ class Mixtral(nn.Module):
         h = self.run_layers(ids, batch, lambda i: (k, v))
         return F.linear(h, self.lm_head).view(B, T, cfg.vocab_size)
 
-    def prefill(self, prompts, cache):
-        """Write the packed prompts (a list of B id lists; sequence b into cache row b, positions 0..n_b-1) into the
+    def prefill(self, prompts, cache, starts=None):
+        """Write the packed prompts (a list of B id lists; sequence b into cache row b, positions starts[b] ..
+        starts[b] + n_b - 1, after the starts[b] tokens already cached there; starts defaults to zeros) into the
         cache and return each sequence's last-token logits [B, V]."""
         dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
         lens = [len(p) for p in prompts]
+        starts = list(starts) if starts is not None else [0] * len(prompts)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
         cu = torch.tensor([0] + lens, **i32).cumsum(0, dtype=torch.int32)  # [B + 1]
-        batch = Batch(positions=torch.tensor([p for n in lens for p in range(n)], **i32),
+        batch = Batch(positions=torch.tensor([s + p for s, n in zip(starts, lens) for p in range(n)], **i32),
                       seq_ids=torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], **i32),
-                      seq_lens=torch.tensor(lens, **i32), cu_seqlens=cu, max_seqlen_q=max(lens))
+                      seq_lens=torch.tensor([s + n for s, n in zip(starts, lens)], **i32), cu_seqlens=cu,
+                      max_seqlen_q=max(lens))
         h = self.run_layers(ids, batch, cache.layer)  # [T, H]
         return F.linear(h[cu[1:].long() - 1], self.lm_head)  # only the last token of each sequence
 

@@ -236,3 +236,25 @@ def test_pad_token_id_infers_the_mask_like_transformers():
 def test_attention_mask_errors(mask, message):
     with pytest.raises(ValueError, match=message):
         ours("gqa3_odd").generate(torch.ones(2, 4, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
+
+
+def test_prefix_cache_prefills_only_the_new_tokens_and_changes_nothing():
+    """A conversation's second turn (the first turn's prompt + answer + more) prefills only what is new, and gives
+    exactly what a fresh full prefill gives; a prompt that diverges early reuses only the common prefix."""
+    from mixtral_ext.generate import PrefixCache
+    model = ours("gqa3_odd")
+    cache = PrefixCache()
+    first = _prompt("gqa3_odd", 7, seed=1)
+    out1 = model.generate([first], max_new_tokens=5, prefix_cache=cache)[0].tolist()
+    assert cache.last_prefill == 7 and out1 == model.generate([first], max_new_tokens=5)[0].tolist()
+    assert cache.tokens == out1[:-1]  # the last new token was never fed back
+    second = out1 + _prompt("gqa3_odd", 4, seed=2)
+    out2 = model.generate([second], max_new_tokens=6, prefix_cache=cache)
+    assert cache.last_prefill == len(second) - len(out1[:-1])
+    assert torch.equal(out2, model.generate([second], max_new_tokens=6))
+    third = first[:3] + _prompt("gqa3_odd", 5, seed=3)  # a re-encoded history: only 3 tokens in common
+    out3 = model.generate([third], max_new_tokens=4, prefix_cache=cache, repetition_penalty=1.3)
+    assert cache.last_prefill == len(third) - 3
+    assert torch.equal(out3, model.generate([third], max_new_tokens=4, repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="prefix_cache holds one conversation"):
+        model.generate([first, first], prefix_cache=cache)
