@@ -3,6 +3,8 @@
     mixtral-ext demo                                   # tiny random-weight Mixtral, real code path, seconds on a CPU
     mixtral-ext generate --model DIR --prompt "Hello my name is" --max-new-tokens 32
     mixtral-ext generate --model DIR --chat --prompt "Write a haiku about GPUs."
+    mixtral-ext generate --model DIR --prompt-file prompt.txt --stop "###" --repetition-penalty 1.1
+    echo "Hello" | mixtral-ext generate --model DIR --prompt -
     mixtral-ext chat --model DIR                       # multi-turn Instruct chat; EOF (Ctrl-D) or /exit ends it
     mixtral-ext bench [--quick]                        # bench/bench_kernels.py and bench/bench_e2e.py (needs a GPU)
 
@@ -50,6 +52,13 @@ def _top_p(text):
     return value
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _nonneg_int(text):
     value = int(text)
     if value < 0:
@@ -58,7 +67,10 @@ def _nonneg_int(text):
 
 
 def build_parser():
+    from . import __version__
+
     p = _Parser(prog=PROG, description="Mixtral-8x7B inference with hand-written CUDA kernels.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{generate,chat,demo,bench}")
 
     def model_args(q, required):
@@ -73,6 +85,10 @@ def build_parser():
         q.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling (with T > 0)")
         q.add_argument("--top-k", type=_nonneg_int, default=0, metavar="K", help="0 = off (with T > 0)")
         q.add_argument("--seed", type=int, default=None, metavar="S", help=seed_help)
+        q.add_argument("--repetition-penalty", type=_positive_float, default=1.0, metavar="R",
+                       help="> 1 discourages repeating tokens already in the text (transformers' penalty)")
+        q.add_argument("--stop", action="append", default=[], metavar="STRING",
+                       help="stop when the text reaches STRING (not printed); repeatable")
         q.add_argument("--device", choices=["cuda", "cpu"], default=None,
                        help="default: cuda when a GPU is available, else cpu")
         q.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
@@ -80,7 +96,9 @@ def build_parser():
 
     g = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat), streaming")
     model_args(g, True)
-    g.add_argument("--prompt", required=True, metavar="TEXT")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin")
+    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (- for stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the Instruct format")
     g.add_argument("--system", metavar="TEXT", help="a system prompt (with --chat)")
     run_args(g, 64)
@@ -94,7 +112,9 @@ def build_parser():
 
     d = sub.add_parser("demo", help="the embedded demo: a tiny random-weight Mixtral, real tokenizer and code path")
     model_args(d, False)
-    d.add_argument("--prompt", default=None, metavar="TEXT", help="default: a fixed prompt")
+    source = d.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=None, metavar="TEXT", help="default: a fixed prompt; - reads stdin")
+    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (- for stdin)")
     run_args(d, 32, seed_help="seed of the random weights (default 0) and of sampling")
     d.set_defaults(func=cmd_demo)
 
@@ -110,9 +130,9 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad command line (2, already reported)
         return exc.code
-    if args.command is None:
-        print(f"{PROG}: error: choose a command: generate, chat, demo or bench (see --help)", file=sys.stderr)
-        return 2
+    if args.command is None:  # a bare `mixtral-ext`: what it can do
+        parser.print_help()
+        return 0
     for stream in (sys.stdout, sys.stderr):
         # Generated text can hold any character; a terminal that cannot show one gets a replacement, not an error.
         if hasattr(stream, "reconfigure"):
@@ -129,6 +149,7 @@ def main(argv=None):
             pass
         return 1
     except Exception as exc:
+        _close_progress_bars()
         if os.environ.get("MIXTRAL_EXT_DEBUG"):
             raise
         # Expected failures (a missing or invalid checkpoint, no GPU, a too-long prompt, a model too large) are
@@ -141,6 +162,56 @@ def main(argv=None):
 
 
 # ---- shared --------------------------------------------------------------------------------------------------------
+def _close_progress_bars():
+    """Close every open tqdm bar (ours, or a library's) before an error is printed: a bar redrawn afterwards would
+    push the error off the last line."""
+    tqdm = sys.modules.get("tqdm.std")
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a half-built bar: nothing left to redraw
+            pass
+
+
+def _read_prompt(args):
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file PATH (- for stdin); None when neither was given."""
+    path = getattr(args, "prompt_file", None)
+    if path is None and args.prompt != "-":
+        return args.prompt
+    if path in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--prompt-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
+                from None
+    text = text[:-1] if text.endswith("\n") else text  # the file's (or echo's) final newline is not the prompt's
+    if not text:
+        raise ValueError(f"the prompt read from {'stdin' if path in (None, '-') else path} is empty")
+    return text
+
+
+_WARNED = set()
+
+
+def _warn_control_text(tok, text, chat):
+    """Say once that text spelling control tokens ("<s>[INST] ... [/INST]", pasted from a model card) is encoded
+    as those characters, never as the tokens: the chat format comes from --chat / chat."""
+    found = tok.control_strings(text)
+    if not found or "control" in _WARNED:
+        return
+    _WARNED.add("control")
+    shown = ", ".join(repr(f) for f in found[:4])
+    where = ("the message is encoded as text; the chat format itself is added by " + PROG + ", so leave it out"
+             if chat else "the prompt is encoded as plain text, not as control tokens; for an Instruct model pass "
+             "the bare question with --chat (or use `" + PROG + " chat`), which adds the chat format")
+    print(f"{PROG}: warning: {shown} in {where}", file=sys.stderr)
+
+
 def _device_dtype(args):
     import torch
 
@@ -176,6 +247,10 @@ def _load(model_dir, tokenizer_path, device, dtype, progress=None):
 
 def _generation_kwargs(args, seed_has_other_uses=False):
     kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = args.repetition_penalty
+    if any(not s for s in args.stop):
+        raise ValueError("--stop needs a non-empty string")
     seed_for_sampling = args.seed is not None and not seed_has_other_uses
     if not kw["do_sample"] and (args.top_p != 1.0 or args.top_k or seed_for_sampling):
         raise ValueError("--top-p, --top-k and --seed shape sampling, which needs --temperature > 0 (the default, "
@@ -197,28 +272,61 @@ def _token_id(step):
     return int(value)
 
 
-def stream_generation(model, tok, prompt_ids, gen_kwargs, out, context=()):
-    """Generate from prompt_ids, writing the text to `out` as it comes. Returns (new ids, timing dict)."""
+def stream_generation(model, tok, prompt_ids, gen_kwargs, out, context=(), stops=(), prefix_cache=None):
+    """Generate from prompt_ids, writing the text to `out` as it comes; generation ends early where the text
+    reaches one of `stops` (which is not written: text that could be the start of a stop string is held back until
+    it is not). Returns (new ids, timing dict, the text written)."""
     import torch
 
     _check_context(model, len(prompt_ids), gen_kwargs["max_new_tokens"])
     dec = tok.stream_decoder(context)
-    new, t_first = [], None
+    new, t_first, held, written = [], None, "", []
     t0 = time.perf_counter()
-    steps = model.generate(torch.tensor([prompt_ids], device=model.device), stream=True, **gen_kwargs)
+    kw = dict(gen_kwargs, prefix_cache=prefix_cache) if prefix_cache is not None else gen_kwargs
+    steps = model.generate(torch.tensor([prompt_ids], device=model.device), stream=True, **kw)
+    stopped = False
     for step in steps:
         token = _token_id(step)
         if t_first is None:
             t_first = time.perf_counter()
         new.append(token)
-        text = dec.put(token)
-        if text:
-            out.write(text)
-            out.flush()
-    out.write(dec.flush())
-    out.flush()
-    return new, {"prompt": len(prompt_ids), "new": len(new), "t_first": (t_first or time.perf_counter()) - t0,
-                 "total": time.perf_counter() - t0}
+        held += dec.put(token)
+        held, stopped = _write_until_stop(held, stops, out, written)
+        if stopped:
+            steps.close()
+            break
+    if not stopped:
+        _write_until_stop(held + dec.flush(), stops, out, written, final=True)
+    prefill = prefix_cache.last_prefill if prefix_cache is not None else len(prompt_ids)
+    return new, {"prompt": len(prompt_ids), "prefill": prefill, "new": len(new),
+                 "t_first": (t_first or time.perf_counter()) - t0, "total": time.perf_counter() - t0}, "".join(written)
+
+
+def _write_until_stop(text, stops, out, written, final=False):
+    """Write `text` up to the first stop string in it; hold back (return) a tail that may begin one. Returns (held
+    text, whether a stop string was reached)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    end, stopped = (min(hits), True) if hits else (len(text), False)
+    if not stopped and not final:
+        for s in stops:  # the longest tail of text that is a proper prefix of a stop string waits
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
+                    break
+    if end:
+        out.write(text[:end])
+        out.flush()
+        written.append(text[:end])
+    return ("" if stopped else text[end:]), stopped
+
+
+def _stop_ids(model, tok):
+    """The model's EOS ids, and the tokenizer's when it names another (a fine-tune whose config kept </s> while its
+    turns end with <|im_end|>)."""
+    ids = list(model.config.eos_token_ids)
+    if tok.eos_id not in ids and tok.eos_id < model.config.vocab_size:
+        ids.append(tok.eos_id)
+    return ids
 
 
 def _check_context(model, n_prompt, max_new_tokens, what="the prompt"):
@@ -230,7 +338,10 @@ def _check_context(model, n_prompt, max_new_tokens, what="the prompt"):
 
 def _report(stats, err):
     n, total, first = stats["new"], stats["total"], stats["t_first"]
-    line = f"{n} tokens in {total:.2f} s: {n / total if total > 0 else 0:.1f} tok/s (prompt {stats['prompt']} tokens"
+    prompt = f"prompt {stats['prompt']} tokens"
+    if stats.get("prefill", stats["prompt"]) != stats["prompt"]:
+        prompt += f", {stats['prefill']} prefilled, the rest cached"
+    line = f"{n} tokens in {total:.2f} s: {n / total if total > 0 else 0:.1f} tok/s ({prompt}"
     if n > 1 and total > first:
         line += f"; first token after {first:.2f} s, then {(n - 1) / (total - first):.1f} tok/s"
     print(line + ")", file=err)
@@ -250,17 +361,20 @@ def cmd_generate(args):
     device, dtype = _device_dtype(args)
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
+    prompt = _read_prompt(args)
     model, tok = _load(args.model, args.tokenizer, device, dtype)
+    gen_kwargs["eos_token_id"] = _stop_ids(model, tok)
+    _warn_control_text(tok, prompt, args.chat)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
+            {"role": "user", "content": prompt}]
         ids, context = tok.encode_chat(messages), ()
     else:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(prompt)
         context = ids  # the continuation's first space is kept, as in decode(prompt + continuation)
         _check_context(model, len(ids), args.max_new_tokens)
-        sys.stdout.write(args.prompt)
-    _, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context)
+        sys.stdout.write(prompt)
+    _, stats, _ = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context, args.stop)
     sys.stdout.write("\n")
     _report(stats, sys.stderr)
     return 0
@@ -270,6 +384,10 @@ def cmd_chat(args):
     gen_kwargs = _generation_kwargs(args)
     device, dtype = _device_dtype(args)
     model, tok = _load(args.model, args.tokenizer, device, dtype)
+    from .generate import PrefixCache
+
+    gen_kwargs["eos_token_id"] = _stop_ids(model, tok)
+    cache = PrefixCache()  # the conversation's KV cache: each turn prefills only what the last one did not hold
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
@@ -290,7 +408,10 @@ def cmd_chat(args):
             break
         if text.strip() == "/reset":
             history = list(base)
+            cache.reset()
+            print(f"{PROG}: conversation reset" + (" (the system prompt stays)" if base else ""), file=sys.stderr)
             continue
+        _warn_control_text(tok, text, chat=True)
         messages = history + [{"role": "user", "content": text}]
         ids = tok.encode_chat(messages)
         try:
@@ -298,11 +419,11 @@ def cmd_chat(args):
         except ValueError as exc:
             print(f"{PROG}: {exc}; /reset to start over", file=sys.stderr)
             continue
-        new, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout)
+        new, stats, answer = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, stops=args.stop,
+                                               prefix_cache=cache)
         sys.stdout.write("\n")
         sys.stdout.flush()
         _report(stats, sys.stderr)
-        answer = tok.decode(new)
         # The v1 format has no empty answers; an answer that was only EOS leaves the user turn to merge with the next.
         history = messages + ([{"role": "assistant", "content": answer}] if answer else [])
     if interactive:
@@ -315,7 +436,8 @@ def cmd_demo(args):
 
     gen_kwargs = _generation_kwargs(args, seed_has_other_uses=True)  # --seed also seeds the random weights
     device, dtype = _device_dtype(args)
-    prompt = args.prompt if args.prompt is not None else PROMPT
+    prompt = _read_prompt(args)
+    prompt = prompt if prompt is not None else PROMPT
     with tempfile.TemporaryDirectory(prefix="mixtral_ext_demo_") as tmp:
         if args.model:
             model_dir, random_weights = args.model, False
@@ -340,7 +462,7 @@ def cmd_demo(args):
         ids = tok.encode(prompt)
         _check_context(model, len(ids), args.max_new_tokens)
         sys.stdout.write(prompt)
-        _, stats = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context=ids)
+        _, stats, _ = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context=ids, stops=args.stop)
         sys.stdout.write("\n" + "-" * 60 + "\n")
         sys.stdout.flush()
         _report(stats, sys.stderr)

@@ -98,7 +98,10 @@ def test_chat_subprocess_piped(ckpt, loaded):
                                       {"role": "user", "content": "And top-2?"}], 6)
     a3 = expected_answer(model, tok, [{"role": "user", "content": "Hi"}], 6)
     assert r.stdout == f"{a1}\n{a2}\n{a3}\n"
-    assert [line.count("tok/s") > 0 for line in r.stderr.splitlines()] == [True] * 3
+    lines = r.stderr.splitlines()
+    assert [line.count("tok/s") > 0 for line in lines] == [True, True, False, True]
+    assert lines[2] == "mixtral-ext: conversation reset"
+    assert "prefilled, the rest cached" in lines[1]  # turn 2 prefilled only the new turn
 
 
 def test_error_subprocess_no_traceback(tmp_path):
@@ -148,14 +151,15 @@ def test_demo_with_model_dir(ckpt, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "M", "--max-new-tokens", "4"], "required: --prompt"),
+    (["generate", "--model", "M", "--max-new-tokens", "4"], "--prompt --prompt-file is required"),
     (["generate", "--model", "M", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--model", "M", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
     (["generate", "--model", "M", "--prompt", "x", "--temperature", "-1"], "--temperature"),
     (["generate", "--model", "M", "--prompt", "x", "--dtype", "int8"], "--dtype"),
     (["chat"], "--model"),
     (["frobnicate"], "invalid choice"),
-    ([], "choose a command"),
+    (["generate", "--model", "M", "--prompt", "x", "--prompt-file", "f"], "not allowed with argument"),
+    (["generate", "--model", "M", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     rc, out, err = call(capsys, *argv)
