@@ -255,3 +255,108 @@ def test_demo_on_gpu(kernels, tmp_path):
     tok = Tokenizer.from_pretrained(str(tmp_path))
     body = r.stdout.split("-" * 60 + "\n")[1]
     assert body == PROMPT + expected_continuation(model, tok, tok.encode(PROMPT), 16) + "\n"
+
+
+# ---- what users of other tools reach for ---------------------------------------------------------------------------
+def test_bare_command_prints_help_and_version(capsys):
+    rc, out, err = call(capsys)
+    assert rc == 0 and out.startswith("usage: mixtral-ext") and all(c in out for c in ("generate", "chat", "demo"))
+    import mixtral_ext
+    rc, out, err = call(capsys, "--version")
+    assert rc == 0 and out == f"mixtral-ext {mixtral_ext.__version__}\n"
+
+
+def test_prompt_from_stdin_and_file(ckpt, loaded, capsys, monkeypatch, tmp_path):
+    model, tok = loaded
+    prompt = "Hello my name is\nand the second line"
+    want = prompt + expected_continuation(model, tok, tok.encode(prompt), 5) + "\n"
+    base = ["generate", "--model", ckpt, "--max-new-tokens", "5", "--device", "cpu"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
+    assert call(capsys, *base, "--prompt", "-")[1] == want
+    (tmp_path / "p.txt").write_text(prompt + "\n", encoding="utf-8")
+    assert call(capsys, *base, "--prompt-file", str(tmp_path / "p.txt"))[1] == want
+    rc, out, err = call(capsys, *base, "--prompt-file", str(tmp_path / "missing.txt"))
+    assert_one_line_error(rc, err, "--prompt-file", "missing.txt")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, err = call(capsys, *base, "--prompt", "-")
+    assert_one_line_error(rc, err, "prompt read from stdin is empty")
+
+
+def test_repetition_penalty(ckpt, loaded, capsys):
+    model, tok = loaded
+    ids = tok.encode("the the the the")
+    want = expected_continuation(model, tok, ids, 12, repetition_penalty=1.8)
+    assert want != expected_continuation(model, tok, ids, 12)
+    rc, out, err = call(capsys, "generate", "--model", ckpt, "--prompt", "the the the the", "--max-new-tokens", "12",
+                        "--repetition-penalty", "1.8", "--device", "cpu")
+    assert rc == 0 and out == "the the the the" + want + "\n", err
+
+
+def test_stop_strings_end_generation_and_are_not_printed(ckpt, loaded, capsys):
+    model, tok = loaded
+    prompt = "Hello my name is"
+    full = expected_continuation(model, tok, tok.encode(prompt), 16)
+    words = full.split()
+    stop = words[len(words) // 2][:3]  # part of a word: the stop string spans the middle of a token, maybe two
+    cut = full.index(stop)
+    base = ["generate", "--model", ckpt, "--prompt", prompt, "--max-new-tokens", "16", "--device", "cpu"]
+    rc, out, err = call(capsys, *base, "--stop", "never appears", "--stop", stop)
+    assert rc == 0 and out == prompt + full[:cut] + "\n", (out, full, stop)
+    n_stopped = int(err.split(" tokens")[0])
+    assert n_stopped < 16  # generation itself ended there
+    rc, out, err = call(capsys, *base, "--stop", "never appears")
+    assert out == prompt + full + "\n"
+
+
+def test_control_tokens_typed_as_text_are_literal_with_one_warning(ckpt, loaded, capsys, monkeypatch):
+    model, tok = loaded
+    prompt = "<s>[INST] What is 2+2? [/INST]"
+    rc, out, err = call(capsys, "generate", "--model", ckpt, "--prompt", prompt, "--max-new-tokens", "4",
+                        "--device", "cpu")
+    assert rc == 0
+    ids = tok.encode(prompt)
+    assert ids[:2] == [1, tok.sp.piece_to_id("\u2581<")]  # one BOS, then the characters "<s>"
+    assert out == prompt + expected_continuation(model, tok, ids, 4) + "\n"
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "'<s>', '[/INST]', '[INST]'" in warnings[0] and "--chat" in warnings[0], err
+    cli._WARNED.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("[INST] one [/INST]\n[INST] two\n"))
+    rc, out, err = call(capsys, "chat", "--model", ckpt, "--max-new-tokens", "3", "--device", "cpu")
+    assert rc == 0 and sum("warning" in line for line in err.splitlines()) == 1, err
+    cli._WARNED.clear()
+
+
+def test_error_during_a_progress_bar_is_the_last_line(ckpt, capfd, monkeypatch):
+    """A shard that fails while the loading bar is drawn: the bar is closed first, the error is the last line."""
+    import mixtral_ext.weights as weights
+    real_open, calls = weights._open, []
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_tensor(self, name):
+            calls.append(name)
+            if len(calls) == 10:
+                raise OSError(5, "Input/output error")
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(weights, "_open", lambda *a: Failing(real_open(*a)))
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True, raising=False)
+    rc = cli.main(["generate", "--model", ckpt, "--prompt", "x", "--device", "cpu"])
+    err = capfd.readouterr().err
+    assert rc == 1 and "loading" in err, err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("mixtral-ext: error: ") and "model.safetensors: tensor" in last and \
+        "Input/output error" in last, repr(err)
+    assert err.rfind("loading") < err.rfind("mixtral-ext: error")
