@@ -74,6 +74,7 @@ class Mixtral(nn.Module):
         _, config_path, _ = find_checkpoint(path)
         cfg = MixtralConfig.from_pretrained(config_path)
         device = torch.device(device or "cpu")
+        check_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         check_fits(cfg, dtype, device)
         model = cls(cfg, device=device, dtype=dtype)
@@ -206,6 +207,20 @@ class MoE(nn.Module):
     def forward(self, x):
         route = ops.moe_route(F.linear(x, self.gate), self.top_k)  # softmax/top-k/renormalise + expert permutation
         return ops.moe_experts(x, route, self.w13, self.w2)  # [T, H]
+
+
+def check_device(device):
+    """One clear error for a CUDA device this process cannot use (instead of torch's, raised deep inside a load)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else \
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver"
+        raise RuntimeError(f"device={str(device)!r}: no CUDA GPU is available here ({why}). Use device='cpu' (the "
+                           f"PyTorch reference ops), or pick it at run time: device='cuda' if "
+                           f"torch.cuda.is_available() else 'cpu'")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class ModelTooLargeError(RuntimeError):
