@@ -87,8 +87,9 @@ def find_checkpoint(path, announce=True):
     if announce:
         others = [c.describe() + (" (also complete)" if not c.problem else " (incomplete)")
                   for c in candidates if c is not chosen]
-        print(f"mixtral_ext: {path}: loading {chosen.describe()}; ignoring {', '.join(others)}"
-              + (f" and pickled {', '.join(map(os.path.basename, pickled))}" if pickled else ""), file=sys.stderr)
+        if pickled:  # never read: unpickling can run arbitrary code
+            others.append(f"pickled {', '.join(map(os.path.basename, pickled))}")
+        print(f"mixtral_ext: {path}: loading {chosen.describe()}; ignoring {', '.join(others)}", file=sys.stderr)
     return chosen.layout, chosen.config_path, chosen.files
 
 

@@ -205,3 +205,25 @@ def test_cli_chat_uses_the_fine_tunes_template(finetune, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hi there\n"))
     rc, out, err = _call(capsys, "chat", "--model", finetune, "--max-new-tokens", "6")
     assert rc == 0 and out == want + "\n", (out, err)
+
+
+def test_cli_chat_two_turns_with_the_template_reuse_the_cache(finetune, capsys, monkeypatch):
+    """ChatML history re-encoded each turn: the cached prompt + answer is a prefix of turn 2's ids, so turn 2
+    prefills only the rest, and answers exactly what a full prefill of the history answers."""
+    model = Mixtral.from_pretrained(finetune, progress=False)
+    tok = Tokenizer.from_pretrained(finetune)
+
+    def answer(messages):
+        ids = tok.encode_chat(messages)
+        return tok.decode(model.generate(torch.tensor([ids]), max_new_tokens=5, eos_token_id=[32000])[0, len(ids):]
+                          .tolist())
+
+    m = [{"role": "user", "content": "Hi there"}]
+    a1 = answer(m)
+    m += [{"role": "assistant", "content": a1}, {"role": "user", "content": "More?"}]
+    a2 = answer(m)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hi there\nMore?\n"))
+    rc, out, err = _call(capsys, "chat", "--model", finetune, "--max-new-tokens", "5")
+    assert rc == 0 and out == f"{a1}\n{a2}\n", (out, err)
+    stats = [line for line in err.splitlines() if "tok/s" in line]
+    assert "prefilled, the rest cached" in stats[1], err

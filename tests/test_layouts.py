@@ -130,7 +130,7 @@ def test_hf_next_to_consolidated_loads_one_and_says_which(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert "loading model.safetensors (hf layout)" in err[0] and "params.json and 2 consolidated" in err[0] \
-        and "also complete" in err[0] and "pickled consolidated.00.pth" in err[0], err
+        and "also complete" in err[0] and ", pickled consolidated.00.pth" in err[0], err
     assert rel_err(model(_ids()), _hf_logits()) < 1e-5
 
 
@@ -218,3 +218,14 @@ def test_index_disagreeing_with_incomplete_shards(tmp_path):
                                               rf"\[\d+ model-\*-of-\d+\.safetensors shard\(s\) \(hf layout\)\] .*tensor "
                                               rf"model\.norm\.weight missing"):
         find_checkpoint(path)
+
+
+def test_hf_shards_with_stray_pickles_say_so(tmp_path, capfd):
+    """Mixtral-Instruct's repository as downloaded: safetensors shards with their index, and .pt pickles."""
+    path = _sharded(tmp_path / "s")
+    (tmp_path / "s" / "consolidated.00.pt").write_bytes(b"not read")
+    layout, _, files = find_checkpoint(path)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert layout == "hf" and len(err) == 1, err
+    assert err[0].endswith(f"loading model.safetensors.index.json and its {len(files)} shard(s) (hf layout); "
+                           "ignoring pickled consolidated.00.pt"), err
