@@ -320,12 +320,24 @@ def _write_until_stop(text, stops, out, written, final=False):
     return ("" if stopped else text[end:]), stopped
 
 
-def _stop_ids(model, tok):
-    """The model's EOS ids, and the tokenizer's when it names another (a fine-tune whose config kept </s> while its
-    turns end with <|im_end|>)."""
+def _stop_ids(model, tok, model_dir=None):
+    """The model's EOS ids, plus generation_config.json's (which transformers' generate uses) and the tokenizer's
+    when they name others (a fine-tune whose config.json kept </s> while its turns end with <|im_end|>)."""
+    import json
+
     ids = list(model.config.eos_token_ids)
-    if tok.eos_id not in ids and tok.eos_id < model.config.vocab_size:
-        ids.append(tok.eos_id)
+    extra = [tok.eos_id]
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            eos = None  # not ours to validate: config.json's EOS still applies
+        extra += eos if isinstance(eos, list) else [eos]
+    for i in extra:
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < model.config.vocab_size and i not in ids:
+            ids.append(i)
     return ids
 
 
@@ -363,7 +375,7 @@ def cmd_generate(args):
         raise ValueError("--system needs --chat")
     prompt = _read_prompt(args)
     model, tok = _load(args.model, args.tokenizer, device, dtype)
-    gen_kwargs["eos_token_id"] = _stop_ids(model, tok)
+    gen_kwargs["eos_token_id"] = _stop_ids(model, tok, args.model)
     _warn_control_text(tok, prompt, args.chat)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -386,7 +398,7 @@ def cmd_chat(args):
     model, tok = _load(args.model, args.tokenizer, device, dtype)
     from .generate import PrefixCache
 
-    gen_kwargs["eos_token_id"] = _stop_ids(model, tok)
+    gen_kwargs["eos_token_id"] = _stop_ids(model, tok, args.model)
     cache = PrefixCache()  # the conversation's KV cache: each turn prefills only what the last one did not hold
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": args.system}] if args.system else []

@@ -227,3 +227,21 @@ def test_cli_chat_two_turns_with_the_template_reuse_the_cache(finetune, capsys, 
     assert rc == 0 and out == f"{a1}\n{a2}\n", (out, err)
     stats = [line for line in err.splitlines() if "tok/s" in line]
     assert "prefilled, the rest cached" in stats[1], err
+
+
+def test_cli_stops_at_generation_config_eos(tmp_path, capsys):
+    """config.json says </s> (2), generation_config.json lists <|im_end|> too, as transformers' generate reads it."""
+    path = write_finetune(tmp_path, eos_boost=32000, template=None, tokenizer_json=False)
+    os.remove(os.path.join(path, "tokenizer_config.json"))  # nor does the tokenizer name 32000 as its EOS
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["eos_token_id"] = 2
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    argv = ["generate", "--model", path, "--prompt", "Hello", "--max-new-tokens", "4"]
+    rc, out, err = _call(capsys, *argv)
+    assert rc == 0 and "4 tokens in" in err, err  # 32000 is no stop token yet
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 32000]}, f)
+    rc, out, err = _call(capsys, *argv)
+    assert rc == 0 and out == "Hello\n" and "1 tokens in" in err, err

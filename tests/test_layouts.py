@@ -2,6 +2,7 @@
 fused experts, mlx-lm's stacked experts) loads and gives transformers' logits; layouts we do not read are named;
 directories holding several candidate checkpoints, or parts of them, load the one complete candidate and say which,
 or name what each candidate lacks."""
+import copy
 import json
 import os
 import pickle
@@ -55,6 +56,16 @@ def test_transformers_v5_fused_layout_matches_transformers(tmp_path):
     assert rel_err(model(_ids()), _hf_logits()) < 1e-5
     for a, b in zip(model.parameters(), _load(hf_checkpoint(NAME)[1]).parameters()):
         assert torch.equal(a, b)
+
+
+def test_transformers_v5_fused_layout_sharded_in_bf16(tmp_path):
+    hf, _ = hf_checkpoint(NAME)
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path, save_original_format=False, max_shard_size="20KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    model = _load(tmp_path)
+    ref = _load(hf_checkpoint(NAME)[1])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b.bfloat16().float())
 
 
 def test_transformers_v5_fused_layout_is_validated(tmp_path):
