@@ -273,8 +273,9 @@ def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1
                 f"{headroom / gib:.1f} GiB headroom, but ")
         if device.type == "cuda":
             raise ModelTooLargeError(
-                head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 holds "
-                f"Mixtral-8x7B in bf16); int8 expert weights, which would halve the need, are not implemented yet.")
+                head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 "
+                f"holds Mixtral-8x7B in bf16); int8 expert weights, which would halve the need, are not implemented "
+                f"yet.")
         smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
                    if param_bytes(cfg, d) < needed and param_bytes(cfg, d) + headroom <= free_bytes]
         if smaller:

@@ -62,7 +62,6 @@ class Tokenizer:
             if i is not None:
                 setattr(self, f"{name}_id", i)
         self.vocab_size = max([self.sp_size] + [i + 1 for i in self.added])
-        self._warned = set()
 
     @classmethod
     def from_pretrained(cls, path):

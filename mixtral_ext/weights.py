@@ -269,9 +269,9 @@ def _detect_layout(family, names, where):
     if any(".switch_mlp." in n for n in names):
         return "mlx"
     if any(".feed_forward." in n or n.startswith("tok_embeddings.") for n in names):
-        raise CheckpointError(f"{where}: found Mistral consolidated tensor names (tok_embeddings, feed_forward) next "
-                              "to a config.json: the consolidated layout needs params.json and consolidated*.safetensors "
-                              f"file names; supported layouts: {_SUPPORTED}")
+        raise CheckpointError(f"{where}: found Mistral consolidated tensor names (tok_embeddings, feed_forward) "
+                              "next to a config.json: the consolidated layout needs params.json and "
+                              f"consolidated*.safetensors file names; supported layouts: {_SUPPORTED}")
     known = any(".block_sparse_moe.experts." in n for n in names) or not any(".layers." in n for n in names)
     if not known:
         common = ("self_attn.", "layernorm.", ".gate.weight", "embed_tokens.", "lm_head.", "model.norm.")
@@ -385,8 +385,8 @@ def load_checkpoint(path, cfg, params, progress=True):
                     if name in optional:
                         continue
                     if name not in expected:
-                        raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout Mixtral "
-                                              f"with this config)")
+                        raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout "
+                                              f"Mixtral with this config)")
                     if name in seen:
                         raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
                     sl = f.get_slice(name)

@@ -72,7 +72,8 @@ def test_transformers_v5_fused_layout_is_validated(tmp_path):
     hf, _ = hf_checkpoint(NAME)
     hf.save_pretrained(tmp_path, save_original_format=False)
     t = load_file(os.path.join(tmp_path, "model.safetensors"))
-    t["model.layers.1.mlp.experts.gate_up_proj"] = t["model.layers.1.mlp.experts.gate_up_proj"].transpose(1, 2).contiguous()
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    t[name] = t[name].transpose(1, 2).contiguous()
     save_file(t, os.path.join(tmp_path, "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"gate_up_proj has shape \(5, 48, 80\), expected \(5, 80, 48\)"):
         _load(tmp_path)
@@ -105,7 +106,8 @@ def test_quantized_layouts_are_named(tmp_path, suffix, layout):
     t["model.layers.0.block_sparse_moe.experts.0.w1" + suffix] = w
     path = _write_hf(tmp_path, t)
     with pytest.raises(CheckpointError, match=rf"found a {layout}.*checkpoint \(tensor \S+{suffix}\); supported "
-                                              r"layouts \(all of unquantized float weights\): Hugging Face per-expert.*Hugging Face fused.*MLX.*Mistral"):
+                                              r"layouts \(all of unquantized float weights\): Hugging Face per-expert.*Hugging Face "
+                                              r"fused.*MLX.*Mistral"):
         _load(path)
 
 
@@ -223,11 +225,11 @@ def test_index_disagreeing_with_incomplete_shards(tmp_path):
     t = load_file(os.path.join(path, shard))
     del t["model.norm.weight"]
     save_file(t, os.path.join(path, shard))
-    with pytest.raises(CheckpointError, match=rf"\[model\.safetensors\.index\.json and its \d+ shard\(s\) \(hf layout\)\] "
-                                              rf"\S+ disagrees with its shards: it puts model\.norm\.weight in {shard}, "
-                                              rf"which does not hold it \(model\.norm\.weight is in none of them\); "
-                                              rf"\[\d+ model-\*-of-\d+\.safetensors shard\(s\) \(hf layout\)\] .*tensor "
-                                              rf"model\.norm\.weight missing"):
+    want = (rf"\[model\.safetensors\.index\.json and its \d+ shard\(s\) \(hf layout\)\] \S+ disagrees with its "
+            rf"shards: it puts model\.norm\.weight in {shard}, which does not hold it \(model\.norm\.weight is in none "
+            rf"of them\); \[\d+ model-\*-of-\d+\.safetensors shard\(s\) \(hf layout\)\] .*tensor model\.norm\.weight "
+            rf"missing")
+    with pytest.raises(CheckpointError, match=want):
         find_checkpoint(path)
 
 

@@ -315,7 +315,8 @@ def test_model_too_large_for_host_memory_fails_early_and_names_a_dtype_that_fits
     cfg = MixtralConfig.from_name("mixtral-8x7b")
     with pytest.raises(ModelTooLargeError, match=r"float32\) needs 174\.\d GiB .* this machine has 120\.0 GiB of "
                                                  r"memory available of 128\.0 GiB\. In bfloat16 it needs 87\.\d GiB, "
-                                                 r"which fits: pass dtype=torch\.bfloat16 \(mixtral-ext --dtype bf16\)"):
+                                                 r"which fits: pass dtype=torch\.bfloat16 \(mixtral-ext --dtype "
+                                                 r"bf16\)"):
         check_fits(cfg, torch.float32, "cpu", free_bytes=120 * 2 ** 30, total_bytes=128 * 2 ** 30)
     with pytest.raises(ModelTooLargeError, match=r"Even bfloat16 needs 87\.\d GiB: use a machine with more memory"):
         check_fits(cfg, torch.bfloat16, "cpu", free_bytes=24 * 2 ** 30)
