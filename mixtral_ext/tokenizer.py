@@ -65,10 +65,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        """From a checkpoint directory (its tokenizer.model, or a single tokenizer.model.v* as Mistral ships it) or
-        from the .model file itself."""
+        """From a checkpoint directory (its tokenizer.model, or a single tokenizer.model.v* as Mistral ships it; or,
+        without those, its tokenizer.json: what transformers >= 5 saves) or from the .model file itself."""
         path = os.fspath(path)
         if os.path.isdir(path):
+            if _only_tokenizer_json(path):
+                extras = HFExtras.read(path)
+                return cls(_FastPieces(extras, os.path.join(path, "tokenizer.json")), path, extras)
             path = _find_model_file(path)
         elif not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
@@ -372,6 +375,71 @@ class StreamDecoder:
         return space + self.tokenizer.sp.decode(ids)
 
 
+def _only_tokenizer_json(directory):
+    names = os.listdir(directory)
+    return "tokenizer.json" in names and not any(n == "tokenizer.model" or n.startswith("tokenizer.model.")
+                                                 for n in names)
+
+
+class _FastPieces:
+    """A tokenizer.json (the `tokenizers` library) behind the sentencepiece calls Tokenizer makes, for checkpoints
+    saved without tokenizer.model. It must be sentencepiece-style: byte-fallback BPE over U+2581-marked pieces (as
+    Mixtral's and its fine-tunes' are), whose decoder, like sentencepiece, drops the first piece's prefix space and
+    turns each byte of an incomplete UTF-8 sequence into one U+FFFD (StreamDecoder relies on both)."""
+
+    def __init__(self, extras, path):
+        fast = extras.fast
+        if fast is None:
+            raise ValueError(f"{path}: reading a tokenizer.json needs the `tokenizers` library (pip install tokenizers)")
+        self.fast, self.path = fast, path
+        self.size = fast.get_vocab_size(with_added_tokens=False)
+        special = {i for i, t in fast.get_added_tokens_decoder().items() if t.special and i < self.size}
+        ids = {}
+        for name, default in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>")):
+            # The base vocabulary's own (an added EOS such as <|im_end|> is taken over by Tokenizer afterwards).
+            found = [fast.token_to_id(t) for t in (extras.tokens.get(name), default) if t]
+            ids[name] = next((i for i in found if i is not None and i < self.size), -1)
+        self.ids, self.special = ids, special
+        if "\u2581" not in "".join(fast.id_to_token(i) or "" for i in range(min(self.size, 1000))):
+            raise ValueError(f"{path}: not a sentencepiece-style (U+2581) tokenizer; Mixtral's tokenizer.json is one")
+
+    def vocab_size(self):
+        return self.size
+
+    def bos_id(self):
+        return self.ids["bos"]
+
+    def eos_id(self):
+        return self.ids["eos"]
+
+    def unk_id(self):
+        return self.ids["unk"]
+
+    def is_control(self, i):
+        return i in self.special and i != self.ids["unk"]
+
+    def is_unknown(self, i):
+        return i == self.ids["unk"]
+
+    def encode(self, text):
+        # Control-token text is plain text, as sentencepiece reads it.
+        self.fast.encode_special_tokens = True
+        try:
+            return self.fast.encode(text, add_special_tokens=False).ids
+        finally:
+            self.fast.encode_special_tokens = False
+
+    def decode(self, ids):
+        return self.fast.decode(ids, skip_special_tokens=False)
+
+    def id_to_piece(self, i):
+        return self.fast.id_to_token(i)
+
+    def piece_to_id(self, piece):
+        i = self.fast.token_to_id(piece)
+        return self.ids["unk"] if i is None or i >= self.size else i
+
+
 def _find_model_file(directory):
     path = os.path.join(directory, "tokenizer.model")
     if os.path.isfile(path):
@@ -381,9 +449,7 @@ def _find_model_file(directory):
         return os.path.join(directory, versioned[0])
     if versioned:
         raise FileNotFoundError(f"{directory}: several tokenizer files ({', '.join(versioned)}); pass one of them")
-    hint = " (it has tokenizer.json only; the sentencepiece tokenizer.model is needed)" if os.path.exists(
-        os.path.join(directory, "tokenizer.json")) else ""
-    raise FileNotFoundError(f"{directory}: no tokenizer.model in this directory{hint}")
+    raise FileNotFoundError(f"{directory}: no tokenizer.model (nor tokenizer.json) in this directory")
 
 
 def _text_of(content, where):

@@ -245,3 +245,34 @@ def test_cli_stops_at_generation_config_eos(tmp_path, capsys):
         json.dump({"eos_token_id": [2, 32000]}, f)
     rc, out, err = _call(capsys, *argv)
     assert rc == 0 and out == "Hello\n" and "1 tokens in" in err, err
+
+
+# ---- a checkpoint with tokenizer.json and no tokenizer.model (what transformers >= 5 saves) -------------------------
+def test_tokenizer_json_alone_behaves_like_tokenizer_model(tmp_path):
+    import random
+    write_tokenizer_json(tmp_path, added=[])
+    tok, sp = Tokenizer.from_pretrained(tmp_path), Tokenizer.bundled()
+    assert type(tok.sp).__name__ == "_FastPieces"  # no tokenizer.model here: tokenizer.json is read
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id) == (32000, 1, 2, 0)
+    for text in ["Hello world", "  two  spaces", "日本語 € 🎉", "<s>[INST] literal [/INST]</s>", "line\nbreak"]:
+        assert tok.encode(text) == sp.encode(text), text
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(32000) for _ in range(rng.randint(0, 12))]
+        assert tok.decode(ids) == sp.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=False) == sp.decode(ids, skip_special_tokens=False)
+        dec = tok.stream_decoder()
+        assert "".join(dec.put(i) for i in ids) + dec.flush() == sp.decode(ids), ids
+    for messages in CONVERSATIONS:
+        assert tok.encode_chat(messages) == sp.encode_chat(messages)
+
+
+def test_fine_tune_without_tokenizer_model_runs_in_the_cli(tmp_path, capsys):
+    path = write_finetune(tmp_path)
+    os.remove(os.path.join(path, "tokenizer.model"))
+    tok = Tokenizer.from_pretrained(path)
+    assert (tok.vocab_size, tok.eos_id) == (32002, 32000) and tok.uses_template
+    assert tok.encode_chat(CONVERSATIONS[0]) == Tokenizer.from_pretrained(write_finetune(tmp_path / "with_model")) \
+        .encode_chat(CONVERSATIONS[0])
+    rc, out, err = _call(capsys, "generate", "--model", path, "--chat", "--prompt", "Hi there", "--max-new-tokens", "3")
+    assert rc == 0 and "tokens in" in err, err

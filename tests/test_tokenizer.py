@@ -104,9 +104,10 @@ def test_from_pretrained_errors(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         Tokenizer.from_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="tokenizer.json only"):
+    (tmp_path / "tokenizer.json").write_text("{}")  # tokenizer.json alone is read (tests/test_finetune.py)
+    with pytest.raises(ValueError, match="tokenizer.json: not a valid tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+    os.remove(tmp_path / "tokenizer.json")
     bad = tmp_path / "tokenizer.model"
     for content in (b"", b"not a sentencepiece model at all", open(BUNDLED_TOKENIZER, "rb").read()[:1000]):
         bad.write_bytes(content)
