@@ -184,12 +184,13 @@ def _read_prompt(args):
         text = sys.stdin.read()
     else:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the prompt
                 text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--prompt-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
                 from None
-    text = text[:-1] if text.endswith("\n") else text  # the file's (or echo's) final newline is not the prompt's
+    # The file's (or echo's) final line break is not part of the prompt.
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
     if not text:
         raise ValueError(f"the prompt read from {'stdin' if path in (None, '-') else path} is empty")
     return text

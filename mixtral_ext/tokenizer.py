@@ -13,6 +13,12 @@ that contains "[INST]" cannot forge a turn boundary, it is encoded as the same o
 turn is `encode(content) + [EOS]`; the whole conversation starts with one BOS. The model card writes the user turn
 as tok("[INST]") + tok(content) + tok("[/INST]"), which gives the same ids for content without leading or trailing
 whitespace (sentencepiece here never merges across a space); mistral_common's single string is what we follow.
+
+Fine-tunes: the checkpoint's Hugging Face tokenizer files are read too (HFExtras). Tokens added beyond
+tokenizer.model (ChatML's <|im_start|>/<|im_end|>, ids 32000+) decode to their text, an id past every known token
+(a vocabulary padded to a round size) decodes to nothing, and a chat template of the checkpoint's own (not in the
+[INST] format) is rendered as transformers renders it (uses_template). Without tokenizer.model, tokenizer.json
+(read with the `tokenizers` library) takes its place.
 """
 import json
 import operator

@@ -275,6 +275,8 @@ def test_prompt_from_stdin_and_file(ckpt, loaded, capsys, monkeypatch, tmp_path)
     assert call(capsys, *base, "--prompt", "-")[1] == want
     (tmp_path / "p.txt").write_text(prompt + "\n", encoding="utf-8")
     assert call(capsys, *base, "--prompt-file", str(tmp_path / "p.txt"))[1] == want
+    (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbf" + prompt.encode() + b"\r\n")  # Notepad: a BOM and CRLF
+    assert call(capsys, *base, "--prompt-file", str(tmp_path / "w.txt"))[1] == want
     rc, out, err = call(capsys, *base, "--prompt-file", str(tmp_path / "missing.txt"))
     assert_one_line_error(rc, err, "--prompt-file", "missing.txt")
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
