@@ -137,6 +137,7 @@ def main(argv=None):
         # Generated text can hold any character; a terminal that cannot show one gets a replacement, not an error.
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    _WARNED.clear()  # warnings are once per run
     try:
         return args.func(args)
     except KeyboardInterrupt:

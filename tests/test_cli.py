@@ -321,11 +321,9 @@ def test_control_tokens_typed_as_text_are_literal_with_one_warning(ckpt, loaded,
     assert out == prompt + expected_continuation(model, tok, ids, 4) + "\n"
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "'<s>', '[/INST]', '[INST]'" in warnings[0] and "--chat" in warnings[0], err
-    cli._WARNED.clear()
     monkeypatch.setattr(sys, "stdin", io.StringIO("[INST] one [/INST]\n[INST] two\n"))
     rc, out, err = call(capsys, "chat", "--model", ckpt, "--max-new-tokens", "3", "--device", "cpu")
-    assert rc == 0 and sum("warning" in line for line in err.splitlines()) == 1, err
-    cli._WARNED.clear()
+    assert rc == 0 and sum("warning" in line for line in err.splitlines()) == 1, err  # once, not once per turn
 
 
 def test_error_during_a_progress_bar_is_the_last_line(ckpt, capfd, monkeypatch):
