@@ -1,7 +1,7 @@
 """mixtral_ext: Mixtral-8x7B inference with hand-written CUDA kernels, and a pure-PyTorch reference path.
 
     import mixtral_ext as mx
-    model = mx.Mixtral.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
+    model = mx.Mixtral.from_pretrained(path, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = mx.Tokenizer.from_pretrained(path)
 """
 import importlib
