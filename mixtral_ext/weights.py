@@ -259,6 +259,12 @@ def _detect_layout(family, names, where):
     layout found when it is not one we load."""
     if family == "consolidated":
         return "consolidated"
+    prefixes = {n[:n.index("model.layers.")] for n in names if "model.layers." in n}
+    if prefixes and "" not in prefixes:  # a wrapper's prefix: DDP's module., torch.compile's _orig_mod., PEFT's
+        prefix = sorted(prefixes)[0]
+        raise CheckpointError(f"{where}: every tensor name carries the prefix {prefix!r} (a wrapped model - DDP, "
+                              f"torch.compile or PEFT - saved as is); save the unwrapped model, or rename the "
+                              f"tensors without it")
     for suffix, what in _QUANTIZED:
         hit = next((n for n in sorted(names) if n.endswith(suffix)), None)
         if hit:

@@ -242,3 +242,10 @@ def test_hf_shards_with_stray_pickles_say_so(tmp_path, capfd):
     assert layout == "hf" and len(err) == 1, err
     assert err[0].endswith(f"loading model.safetensors.index.json and its {len(files)} shard(s) (hf layout); "
                            "ignoring pickled consolidated.00.pt"), err
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "base_model.model."])
+def test_wrapped_model_prefix_is_named(tmp_path, prefix):
+    path = _write_hf(tmp_path, {prefix + k: v for k, v in _hf_tensors(NAME).items()})
+    with pytest.raises(CheckpointError, match=rf"every tensor name carries the prefix '{prefix}' \(a wrapped model"):
+        _load(path)
