@@ -7,8 +7,37 @@
 #include "../device.cuh"
 
 #include <cstdint>
+#ifdef MIXTRAL_EMU
+#include <cmath>
+#include <cstring>
+#endif
 
 namespace mixtral {
+
+#ifdef MIXTRAL_EMU
+// Helpers of the emulated instruction bodies (CPU emulation build only).
+namespace emu_ptx {
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+// A subnormal float becomes a zero of the same sign (the .ftz qualifier, inputs and results alike).
+inline float flush_subnormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
+// The PTX operand-alignment rule ("addresses must be naturally aligned to the access size"), as a kernel-usage
+// error instead of the hardware's misaligned-address fault.
+inline void require_aligned(uint64_t addr, uint64_t bytes, const char* what) {
+  if (addr % bytes != 0) ::emu::fail(what);
+}
+}  // namespace emu_ptx
+#endif
 
 // Shared-window (32-bit) address of a pointer into shared memory, the address form the PTX wrappers take.
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -24,9 +53,10 @@ __device__ __forceinline__ uint4 ld_global_nc_L1_no_allocate_v4_u32(const uint4*
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(ptr));
 #else
-  (void)ptr;
-  v = uint4{};
-  ::emu::fail("ld.global.nc.v4.u32 not emulated yet");
+  // A 16-byte vector load: the address must be 16-byte aligned. The cache qualifiers change no value; .nc promises
+  // the data is not written during the kernel (not checked here).
+  emu_ptx::require_aligned(reinterpret_cast<uint64_t>(ptr), 16, "ld.global.nc.v4.u32: address not 16-byte aligned");
+  ::emu::gmem_read(ptr, &v, 16, "ld.global.nc.v4.u32");
 #endif
   return v;
 }
@@ -37,9 +67,20 @@ __device__ __forceinline__ float ex2_approx_ftz_f32(float x) {
 #ifndef MIXTRAL_EMU
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
 #else
-  (void)x;
-  y = 0.f;
-  ::emu::fail("ex2.approx.ftz.f32 not emulated yet");
+  // PTX ISA (ex2): at most 2 ulp from the correctly rounded 2^x over the full input range; -Inf -> +0, +-0 -> 1,
+  // +Inf -> +Inf, NaN -> NaN; .ftz flushes subnormal inputs and results to sign-preserving zero.
+  const float xf = emu_ptx::flush_subnormal(x);
+  if (std::isnan(xf)) {
+    y = xf;
+  } else if (xf == 0.0f) {
+    y = 1.0f;
+  } else if (std::isinf(xf)) {
+    y = xf > 0 ? xf : 0.0f;
+  } else {
+    const float exact = static_cast<float>(std::exp2(static_cast<double>(xf)));  // correctly rounded in practice
+    y = std::isfinite(exact) && exact != 0.0f ? ::emu::approx(exact, 2.0f, "ex2.approx.ftz.f32") : exact;
+    y = emu_ptx::flush_subnormal(y);
+  }
 #endif
   return y;
 }
@@ -49,9 +90,8 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
 #ifndef MIXTRAL_EMU
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 #else
-  (void)addr;
-  (void)v;
-  ::emu::fail("st.shared.b32 not emulated yet");
+  emu_ptx::require_aligned(addr, 4, "st.shared.b32: address not 4-byte aligned");
+  ::emu::smem_write(addr, &v, 4, "st.shared.b32");
 #endif
 }
 
@@ -63,9 +103,8 @@ __device__ __forceinline__ void ld_shared_v4_b32(uint32_t addr, uint4& v) {
                : "r"(addr)
                : "memory");
 #else
-  (void)addr;
-  v = uint4{};
-  ::emu::fail("ld.shared.v4.b32 not emulated yet");
+  emu_ptx::require_aligned(addr, 16, "ld.shared.v4.b32: address not 16-byte aligned");
+  ::emu::smem_read(addr, &v, 16, "ld.shared.v4.b32");
 #endif
 }
 

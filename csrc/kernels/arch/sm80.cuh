@@ -9,8 +9,90 @@
 
 #include <cstdint>
 #include <type_traits>
+#ifdef MIXTRAL_EMU
+#include <cmath>
+#include <limits>
+#endif
 
 namespace mixtral {
+
+#ifdef MIXTRAL_EMU
+namespace emu_ptx {
+
+// ldmatrix.sync.aligned.m8n8.xNUM{.trans}.shared.b16 (PTX ISA "ldmatrix"): lanes 8m .. 8m+7 supply the row addresses
+// (16 bytes each, 16-byte aligned) of matrix m < NUM; lanes of higher groups are ignored. Lane l receives in r[m]
+// matrix m's row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 (lower element in the low half); with .trans the
+// matrix is read column-major: elements (row 2 (l % 4), column l / 4) and (row 2 (l % 4) + 1, column l / 4).
+// Every lane takes part (.aligned); each reads only the bytes it receives, so reads are attributed to it.
+template <int NUM, bool TRANS>
+inline void ldmatrix_m8n8_b16(uint32_t addr, uint32_t (&r)[NUM], const char* site) {
+  uint32_t rows[32];
+  ::emu::warp_exchange(0xffffffffu, addr, rows);
+  const unsigned lane = ::emu::lane_id();
+  for (int m = 0; m < NUM; ++m) {
+    for (int i = 0; i < 8; ++i) require_aligned(rows[8 * m + i], 16, "ldmatrix: row address not 16-byte aligned");
+    if (!TRANS) {
+      ::emu::smem_read(rows[8 * m + lane / 4] + 4 * (lane % 4), &r[m], 4, site);
+    } else {
+      uint16_t lo, hi;
+      ::emu::smem_read(rows[8 * m + 2 * (lane % 4)] + 2 * (lane / 4), &lo, 2, site);
+      ::emu::smem_read(rows[8 * m + 2 * (lane % 4) + 1] + 2 * (lane / 4), &hi, 2, site);
+      r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+// 16-bit floats to fp32, exactly. bf16: the high half of a float. fp16 (IEEE binary16): sign, 5-bit exponent (bias
+// 15), 10-bit fraction; subnormals are fraction * 2^-24.
+inline float bf16_bits_to_float(uint32_t h) { return bits_to_float(h << 16); }
+inline float f16_bits_to_float(uint32_t h) {
+  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1Fu, frac = h & 0x3FFu;
+  float v;
+  if (exp == 0) v = std::ldexp(static_cast<float>(frac), -24);
+  else if (exp == 31) v = frac ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else v = std::ldexp(static_cast<float>(frac | 0x400u), static_cast<int>(exp) - 25);
+  return sign ? -v : v;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA "Matrix Fragments for mma.m16n8k16 with
+// floating point type"), with groupID g = lane >> 2 and threadID_in_group t = lane % 4:
+//   A (16 x 16): element a_i (i = 0..7, two per .b32 register, a_{2j} in the low half of register j) is at
+//     row g for i in {0, 1, 4, 5}, else g + 8; column 2t + (i & 1), + 8 for i >= 4.
+//   B (16 x 8): b_i (i = 0..3, b_{2j} low half of register j) is at row 2t + (i & 1), + 8 for i >= 2; column g.
+//   C, D (16 x 8, fp32): c_i at row g for i < 2, else g + 8; column 2t + (i & 1).
+// Each lane contributes its registers; each computes its own four outputs from all lanes' fragments. The 16-bit
+// products are exact in fp32; they are accumulated in fp32 onto c in k order.
+struct MmaAbFrag {
+  uint32_t a[4], b[2];
+};
+template <bool BF16>
+inline void mma_m16n8k16_f32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const MmaAbFrag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  MmaAbFrag all[32];
+  ::emu::warp_exchange(0xffffffffu, mine, all);
+  auto half = [](uint32_t reg, int hi) { return hi ? reg >> 16 : reg & 0xFFFFu; };
+  auto to_f = [](uint32_t h) { return BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h); };
+  // A(row, k): lane 4 (row % 8) + (k % 8) / 2, element i = 4 (k >= 8) + 2 (row >= 8) + (k & 1).
+  auto A = [&](int row, int k) {
+    const int i = 4 * (k >= 8) + 2 * (row >= 8) + (k & 1);
+    return to_f(half(all[4 * (row % 8) + (k % 8) / 2].a[i / 2], i & 1));
+  };
+  // B(k, col): lane 4 col + (k % 8) / 2, element i = 2 (k >= 8) + (k & 1).
+  auto B = [&](int k, int col) {
+    const int i = 2 * (k >= 8) + (k & 1);
+    return to_f(half(all[4 * col + (k % 8) / 2].b[i / 2], i & 1));
+  };
+  const int g = static_cast<int>(::emu::lane_id() >> 2), t = static_cast<int>(::emu::lane_id() & 3);
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >= 2), col = 2 * t + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[i] = acc;
+  }
+}
+
+}  // namespace emu_ptx
+#endif
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes: an asynchronous 16-byte global -> shared copy that
 // bypasses L1. Only the first src_bytes bytes are read; the rest of the 16 are zero-filled (src_bytes = 0 reads
@@ -20,10 +102,12 @@ __device__ __forceinline__ void cp_async_cg_16(uint32_t dst, const void* src, ui
 #ifndef MIXTRAL_EMU
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #else
-  (void)dst;
-  (void)src;
-  (void)src_bytes;
-  ::emu::fail("cp.async.cg.shared.global not emulated yet");
+  // cp-size 16: both addresses 16-byte aligned; src-size at most cp-size. The runtime queues the copy in the
+  // thread's current group; the bytes land in shared memory only when a wait_group covering the group runs.
+  emu_ptx::require_aligned(dst, 16, "cp.async.cg: shared address not 16-byte aligned");
+  emu_ptx::require_aligned(reinterpret_cast<uint64_t>(src), 16, "cp.async.cg: global address not 16-byte aligned");
+  if (src_bytes > 16) ::emu::fail("cp.async.cg: src-size larger than cp-size 16");
+  ::emu::async_copy_global_to_shared(dst, src, 16, src_bytes, "cp.async.cg.shared.global");
 #endif
 }
 
@@ -32,7 +116,7 @@ __device__ __forceinline__ void cp_async_commit_group() {
 #ifndef MIXTRAL_EMU
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
-  ::emu::fail("cp.async.commit_group not emulated yet");
+  ::emu::async_commit_group();
 #endif
 }
 
@@ -41,7 +125,8 @@ template <int N> __device__ __forceinline__ void cp_async_wait_group() {
 #ifndef MIXTRAL_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #else
-  ::emu::fail("cp.async.wait_group not emulated yet");
+  static_assert(N >= 0, "cp.async.wait_group: N is a non-negative constant");
+  ::emu::async_wait_group(N);
 #endif
 }
 
@@ -56,9 +141,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_
                : "r"(addr)
                : "memory");
 #else
-  (void)addr;
-  r0 = r1 = r2 = r3 = 0;
-  ::emu::fail("ldmatrix.x4 not emulated yet");
+  uint32_t r[4];
+  emu_ptx::ldmatrix_m8n8_b16<4, false>(addr, r, "ldmatrix.x4");
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
 #endif
 }
 
@@ -72,9 +157,53 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, u
                : "r"(addr)
                : "memory");
 #else
-  (void)addr;
-  r0 = r1 = r2 = r3 = 0;
-  ::emu::fail("ldmatrix.x4.trans not emulated yet");
+  uint32_t r[4];
+  emu_ptx::ldmatrix_m8n8_b16<4, true>(addr, r, "ldmatrix.x4.trans");
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#endif
+}
+
+// ldmatrix .x1 / .x2 (and .trans): as .x4 with one or two matrices; only lanes 0-7 (0-15) supply addresses.
+__device__ __forceinline__ void ldmatrix_x1(uint32_t addr, uint32_t& r0) {
+#ifndef MIXTRAL_EMU
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"(addr) : "memory");
+#else
+  uint32_t r[1];
+  emu_ptx::ldmatrix_m8n8_b16<1, false>(addr, r, "ldmatrix.x1");
+  r0 = r[0];
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t addr, uint32_t& r0) {
+#ifndef MIXTRAL_EMU
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"(addr) : "memory");
+#else
+  uint32_t r[1];
+  emu_ptx::ldmatrix_m8n8_b16<1, true>(addr, r, "ldmatrix.x1.trans");
+  r0 = r[0];
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t addr, uint32_t& r0, uint32_t& r1) {
+#ifndef MIXTRAL_EMU
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr)
+               : "memory");
+#else
+  uint32_t r[2];
+  emu_ptx::ldmatrix_m8n8_b16<2, false>(addr, r, "ldmatrix.x2");
+  r0 = r[0], r1 = r[1];
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t addr, uint32_t& r0, uint32_t& r1) {
+#ifndef MIXTRAL_EMU
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr)
+               : "memory");
+#else
+  uint32_t r[2];
+  emu_ptx::ldmatrix_m8n8_b16<2, true>(addr, r, "ldmatrix.x2.trans");
+  r0 = r[0], r1 = r[1];
 #endif
 }
 
@@ -91,11 +220,7 @@ __device__ __forceinline__ void mma_m16n8k16_row_col_f32_bf16_bf16_f32(float (&d
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-  (void)d;
-  (void)a;
-  (void)b0;
-  (void)b1;
-  ::emu::fail("mma.sync.m16n8k16.f32.bf16 not emulated yet");
+  emu_ptx::mma_m16n8k16_f32<true>(d, a, b0, b1);
 #endif
 }
 __device__ __forceinline__ void mma_m16n8k16_row_col_f32_f16_f16_f32(float (&d)[4], const uint32_t (&a)[4],
@@ -106,11 +231,7 @@ __device__ __forceinline__ void mma_m16n8k16_row_col_f32_f16_f16_f32(float (&d)[
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-  (void)d;
-  (void)a;
-  (void)b0;
-  (void)b1;
-  ::emu::fail("mma.sync.m16n8k16.f32.f16 not emulated yet");
+  emu_ptx::mma_m16n8k16_f32<false>(d, a, b0, b1);
 #endif
 }
 
