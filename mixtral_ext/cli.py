@@ -7,9 +7,13 @@
     echo "Hello" | mixtral-ext generate --model DIR --prompt -
     mixtral-ext chat --model DIR                       # multi-turn Instruct chat; EOF (Ctrl-D) or /exit ends it
     mixtral-ext bench [--quick]                        # bench/bench_kernels.py and bench/bench_e2e.py (needs a GPU)
+    mixtral-ext bench --model DIR                      # prefill and decode tokens/s of a checkpoint, any device
+    torchrun --nproc-per-node 2 -m mixtral_ext generate --model DIR ...   # tensor parallel over 2 GPUs
 
-Generated text streams to stdout; statistics (tokens/s) go to stderr. Every error is one line on stderr and a
-non-zero exit status (2 for bad arguments, 1 otherwise); MIXTRAL_EXT_DEBUG=1 shows the traceback instead.
+Under torchrun every rank runs the same command on its shard of the model and rank 0 alone prints (an error is
+printed by every rank, prefixed with its rank). Generated text streams to stdout; statistics (tokens/s) go to stderr.
+Every error is one line on stderr and a non-zero exit status (2 for bad arguments, 1 otherwise); MIXTRAL_EXT_DEBUG=1
+shows the traceback instead.
 All CLI state lives here: the library functions it calls take their inputs as parameters.
 """
 import argparse
@@ -77,6 +81,8 @@ def build_parser():
         q.add_argument("--model", required=required, metavar="DIR",
                        help="checkpoint directory (Hugging Face or Mistral consolidated layout)")
         q.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its directory (default: --model)")
+        q.add_argument("--expert-parallel", action="store_true",
+                       help="under torchrun: E/N whole experts per rank (default: tensor parallel, every expert split)")
 
     def run_args(q, max_new, seed_help="sampling seed (with T > 0)"):
         q.add_argument("--max-new-tokens", type=_positive_int, default=max_new, metavar="N")
@@ -118,13 +124,59 @@ def build_parser():
     run_args(d, 32, seed_help="seed of the random weights (default 0) and of sampling")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="run bench/bench_kernels.py and bench/bench_e2e.py (needs a CUDA GPU)")
+    b = sub.add_parser("bench", help="run bench/bench_kernels.py and bench/bench_e2e.py (needs a CUDA GPU); with "
+                                     "--model (or under torchrun), time prefill and decode of that checkpoint")
     b.add_argument("--quick", action="store_true", help="fewer sizes")
+    model_args(b, False)
+    b.add_argument("--prompt-tokens", type=_positive_int, default=128, metavar="N", help="with --model (default 128)")
+    b.add_argument("--new-tokens", type=_positive_int, default=32, metavar="N", help="with --model (default 32)")
+    b.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="with --model; default: cuda when a GPU is available, else cpu")
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="with --model; default: bf16 on cuda, "
+                                                                          "fp32 on cpu")
     b.set_defaults(func=cmd_bench)
     return p
 
 
+def _launched():
+    """(rank, world size) that torchrun gave this process; (0, 1) otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+_ERR = [None]  # where error lines go: stderr, kept when the other output of a rank other than 0 is silenced
+
+
+def _error_line(text):
+    rank, world = _launched()
+    where = f" (rank {rank} of {world})" if world > 1 else ""
+    print(f"{PROG}: error{where}: {text}", file=_ERR[0] or sys.stderr)
+
+
 def main(argv=None):
+    """The command line; under torchrun, ranks other than 0 print nothing but their error, if any."""
+    rank, world = _launched()
+    if world <= 1:
+        return _run(argv)
+    _ERR[0] = sys.stderr
+    saved = sys.stdout, sys.stderr
+    try:
+        if rank != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        return _run(argv)
+    finally:
+        if rank != 0:
+            sys.stdout.close()
+            sys.stdout, sys.stderr = saved
+        _ERR[0] = None
+        parallel = sys.modules.get("mixtral_ext.parallel")
+        if parallel is not None:
+            parallel.shutdown()
+
+
+def _run(argv):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -158,7 +210,7 @@ def main(argv=None):
         expected = isinstance(exc, (OSError, ValueError, RuntimeError, ImportError))
         msg = str(exc) if expected and str(exc) else f"internal error: {type(exc).__name__}: {exc} " \
                                                       f"(MIXTRAL_EXT_DEBUG=1 shows the traceback)"
-        print(f"{PROG}: error: {' '.join(msg.split())}", file=sys.stderr)
+        _error_line(' '.join(msg.split()))
         return 1
 
 
@@ -182,6 +234,8 @@ def _read_prompt(args):
     if path is None and args.prompt != "-":
         return args.prompt
     if path in (None, "-"):
+        if _launched()[0] != 0:
+            return None  # under torchrun rank 0 reads stdin and hands the prompt over (cmd_generate)
         text = sys.stdin.read()
     else:
         try:
@@ -225,7 +279,7 @@ def _device_dtype(args):
     return device, getattr(torch, _DTYPES[name])
 
 
-def _load(model_dir, tokenizer_path, device, dtype, progress=None):
+def _load(model_dir, tokenizer_path, device, dtype, progress=None, expert_parallel=False):
     """The tokenizer first (cheap, fails fast), then the model (with a progress bar when stderr is a terminal)."""
     from .model import Mixtral
     from .tokenizer import Tokenizer
@@ -239,7 +293,8 @@ def _load(model_dir, tokenizer_path, device, dtype, progress=None):
         raise FileNotFoundError(f"{exc}{hint}") from None
     if progress is None:
         progress = sys.stderr.isatty()
-    model = Mixtral.from_pretrained(model_dir, device=device, dtype=dtype, progress=progress)
+    model = Mixtral.from_pretrained(model_dir, device=device, dtype=dtype, progress=progress,
+                                    expert_parallel=expert_parallel)
     vocab = model.config.vocab_size
     if tok.vocab_size > vocab:
         raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {vocab}: they do "
@@ -343,6 +398,15 @@ def _stop_ids(model, tok, model_dir=None):
     return ids
 
 
+def _read_line(model):
+    """The next line of stdin ("" at its end). Under torchrun rank 0 reads and every rank gets its line, so all of
+    them run the same turn."""
+    from . import parallel
+
+    shard = model.shard
+    return parallel.broadcast_object(sys.stdin.readline() if shard.rank == 0 else None, shard)
+
+
 def _check_context(model, n_prompt, max_new_tokens, what="the prompt"):
     limit = model.config.max_position_embeddings
     if n_prompt + max_new_tokens > limit:
@@ -376,7 +440,10 @@ def cmd_generate(args):
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
     prompt = _read_prompt(args)
-    model, tok = _load(args.model, args.tokenizer, device, dtype)
+    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel)
+    if model.shard.world > 1:
+        from . import parallel
+        prompt = parallel.broadcast_object(prompt, model.shard)
     gen_kwargs["eos_token_id"] = _stop_ids(model, tok, args.model)
     _warn_control_text(tok, prompt, args.chat)
     if args.chat:
@@ -397,7 +464,7 @@ def cmd_generate(args):
 def cmd_chat(args):
     gen_kwargs = _generation_kwargs(args)
     device, dtype = _device_dtype(args)
-    model, tok = _load(args.model, args.tokenizer, device, dtype)
+    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel)
     from .generate import PrefixCache
 
     gen_kwargs["eos_token_id"] = _stop_ids(model, tok, args.model)
@@ -412,7 +479,7 @@ def cmd_chat(args):
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        line = _read_line(model)
         if not line:
             break
         text = line.rstrip("\r\n")
@@ -464,7 +531,8 @@ def cmd_demo(args):
                   f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts, "
                   f"top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), written to a temporary checkpoint.")
         t0 = time.perf_counter()
-        model, tok = _load(model_dir, args.tokenizer, device, dtype, progress=False if random_weights else None)
+        model, tok = _load(model_dir, args.tokenizer, device, dtype, progress=False if random_weights else None,
+                           expert_parallel=args.expert_parallel)
         what = "with the real Mixtral tokenizer and loader" if random_weights else f"from {model_dir}"
         print(f"Loaded in {time.perf_counter() - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')}, "
               f"{_backend(device)}) {what}.")
@@ -495,6 +563,8 @@ def _find_bench_dir():
 def cmd_bench(args):
     import torch
 
+    if args.model or _launched()[1] > 1:
+        return _bench_model(args)
     if not torch.cuda.is_available():
         raise RuntimeError("bench: no CUDA GPU here; the benchmarks time CUDA kernels and need one")
     bench = _find_bench_dir()
@@ -512,3 +582,41 @@ def cmd_bench(args):
             print(f"{PROG}: {os.path.basename(script)} exited with status {rc}", file=sys.stderr)
             status = status or rc
     return status
+
+
+def _bench_model(args):
+    """Prefill and decode tokens/s of the checkpoint in --model (one process, or every rank under torchrun), batch 1,
+    greedy, a random prompt of --prompt-tokens; one warm-up run first. Rank 0 prints."""
+    import torch
+
+    from .model import Mixtral
+
+    if not args.model:
+        raise ValueError("bench under torchrun times a checkpoint: pass --model DIR (the kernel benchmarks run on one "
+                         "GPU, without torchrun)")
+    device, dtype = _device_dtype(args)
+    model = Mixtral.from_pretrained(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty(),
+                                    expert_parallel=args.expert_parallel)
+    cfg, shard = model.config, model.shard
+    _check_context(model, args.prompt_tokens, args.new_tokens)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def timed(n):
+        model.generate(ids, max_new_tokens=n, eos_token_id=[])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, eos_token_id=[])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter() - t0
+
+    prefill = timed(1)  # the prefill and one sampled token
+    total = timed(args.new_tokens)
+    decode = (total - prefill) / max(args.new_tokens - 1, 1)
+    mode = (f"{shard.world} ranks, {'expert' if shard.expert_parallel else 'tensor'} parallel" if shard.world > 1
+            else "1 process")
+    print(f"{args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}, {_backend(device)}, {mode}): "
+          f"prefill {args.prompt_tokens} tokens in {prefill * 1e3:.1f} ms ({args.prompt_tokens / prefill:.1f} tok/s); "
+          f"decode {decode * 1e3:.2f} ms/token ({1 / decode if decode > 0 else 0:.1f} tok/s, batch 1)")
+    return 0

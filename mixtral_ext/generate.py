@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import ops
+from . import ops, parallel
 from .model import KVCache
 
 
@@ -28,7 +28,7 @@ class DecodeState:
 
     def __init__(self, model, batch, length, use_graph):
         dev = model.device
-        self.cache = KVCache(model.config, batch, length, dev, model.dtype)
+        self.cache = KVCache(model.config, batch, length, dev, model.dtype, kv_heads=model.shard.kv_heads)
         self.length = length
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)  # [B] the token each sequence feeds next
         self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)  # [B] its slot in the cache
@@ -254,6 +254,8 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
         use_graph = False  # a capture already failed on this model (warned then)
     if prefix_cache is not None and len(prompts) != 1:
         raise ValueError(f"prefix_cache holds one conversation; input_ids has {len(prompts)} prompts")
+    if do_sample and seed is None and model.shard.world > 1:
+        seed = parallel.shared_seed(model.shard)  # ranks sampling apart would diverge (and deadlock)
     steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
                       float(repetition_penalty), eos, pad, seed, stream, use_graph, use_cuda_graph is None,
                       sync_every, out_device, prefix_cache)

@@ -18,15 +18,17 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import MixtralConfig
+from .parallel import Shard
 from .reference import rope_cos_sin
 
 
 class KVCache:
     """The static cache: k, v [L, B, S, Hkv, D]. Sequence b's token at position p lives in slot [:, b, p]. Zeroed,
-    because the reference decode attention reads every slot (masked) and 0 * garbage could be NaN."""
+    because the reference decode attention reads every slot (masked) and 0 * garbage could be NaN. kv_heads: the
+    heads this rank holds under tensor parallelism (model.shard.kv_heads); default all of them."""
 
-    def __init__(self, cfg, batch, length, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    def __init__(self, cfg, batch, length, device, dtype, kv_heads=None):
+        shape = (cfg.num_hidden_layers, batch, length, kv_heads or cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch, self.length = batch, length
@@ -45,12 +47,14 @@ class Batch(NamedTuple):
 
 
 class Mixtral(nn.Module):
-    def __init__(self, cfg: MixtralConfig, device=None, dtype=torch.float32):
+    def __init__(self, cfg: MixtralConfig, device=None, dtype=torch.float32, shard: Shard = None):
         super().__init__()
         self.config = cfg
+        # This rank's part of the model (parallel.py); the whole model by default. config stays the whole model's.
+        self.shard = shard or Shard(cfg)
         kw = dict(device=device, dtype=dtype)
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, **kw) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.shard, **kw) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
         self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
         # float32 whatever the model dtype (transformers computes cos/sin in float32 too); not a buffer, so that
@@ -67,14 +71,22 @@ class Mixtral(nn.Module):
         return self.embed.dtype
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, progress=True):
+    def from_pretrained(cls, path, device=None, dtype=None, progress=True, expert_parallel=False):
         """Load an HF-layout or consolidated-layout checkpoint directory. device defaults to "cpu"; dtype to
-        bfloat16 on a GPU and float32 on the CPU (where the reference ops run)."""
+        bfloat16 on a GPU and float32 on the CPU (where the reference ops run).
+
+        Under torchrun (WORLD_SIZE > 1) or an initialised default process group of several ranks, every rank loads
+        only its shard (parallel.py; "cuda" means cuda:LOCAL_RANK): tensor parallel, or with expert_parallel=True
+        E/N whole experts per rank. Every rank must then make the same calls with the same inputs."""
+        from . import parallel
         from .weights import find_checkpoint, load_checkpoint
+        device = parallel.local_device(device or "cpu")
+        check_device(device)
+        group = parallel.process_group(device)
+        if group is not None:
+            return parallel.from_pretrained(cls, path, device, dtype, progress, expert_parallel, group)
         _, config_path, _ = find_checkpoint(path)
         cfg = MixtralConfig.from_pretrained(config_path)
-        device = torch.device(device or "cpu")
-        check_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         check_fits(cfg, dtype, device)
         model = cls(cfg, device=device, dtype=dtype)
@@ -112,7 +124,7 @@ class Mixtral(nn.Module):
         ids = input_ids.to(dev).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
             raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={cfg.vocab_size})")
-        k = torch.empty(B, T, cfg.num_key_value_heads, cfg.head_dim, device=dev, dtype=self.dtype)
+        k = torch.empty(B, T, self.shard.kv_heads, cfg.head_dim, device=dev, dtype=self.dtype)
         v = torch.empty_like(k)
         batch = Batch(positions=torch.arange(T, **i32).repeat(B), seq_ids=torch.arange(B, **i32).repeat_interleave(T),
                       seq_lens=torch.full((B,), T, **i32), cu_seqlens=torch.arange(B + 1, **i32) * T, max_seqlen_q=T)
@@ -154,13 +166,13 @@ class Mixtral(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, **kw):
+    def __init__(self, cfg, shard, **kw):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
-        self.attention = Attention(cfg, **kw)
+        self.attention = Attention(cfg, shard, **kw)
         self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
-        self.moe = MoE(cfg, **kw)
+        self.moe = MoE(cfg, shard, **kw)
 
     def forward(self, x, residual, batch, rope, k_cache, v_cache):
         """x: the previous block's output (or the embeddings, with residual None) [T, H]. The fused norm adds it
@@ -172,14 +184,17 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, **kw):
+    def __init__(self, cfg, shard, **kw):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        # Hq, Hkv below are this rank's heads (all of them in one process; Hq/N and Hkv/N of N tensor-parallel ranks).
+        self.n_heads, self.head_dim = shard.q_heads, cfg.head_dim
+        self.shard = shard
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.window = cfg.sliding_window or 0
         # q, k, v projections fused at load time: rows are Hq heads of q, then Hkv of k, then Hkv of v.
-        self.wqkv = nn.Parameter(torch.empty(cfg.qkv_size, cfg.hidden_size, **kw), requires_grad=False)
-        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, **kw),
+        qkv_rows = (shard.q_heads + 2 * shard.kv_heads) * cfg.head_dim
+        self.wqkv = nn.Parameter(torch.empty(qkv_rows, cfg.hidden_size, **kw), requires_grad=False)
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, shard.q_heads * cfg.head_dim, **kw),
                                requires_grad=False)
 
     def forward(self, x, batch, rope, k_cache, v_cache):
@@ -192,21 +207,26 @@ class Attention(nn.Module):
         else:
             o = ops.attention_prefill(q, k_cache, v_cache, batch.cu_seqlens, batch.seq_lens, batch.max_seqlen_q,
                                       self.scale, self.window)
-        return F.linear(o.view(T, self.n_heads * self.head_dim), self.wo)  # [T, H]
+        # [T, H]; with tensor parallelism each rank's heads give a partial sum, completed across ranks
+        return self.shard.all_reduce(F.linear(o.view(T, self.n_heads * self.head_dim), self.wo))
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, **kw):
+    def __init__(self, cfg, shard, **kw):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        E, I, H = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
-        self.gate = nn.Parameter(torch.empty(E, H, **kw), requires_grad=False)  # the router
+        self.shard = shard
+        # The router sees all experts; w13/w2 hold this rank's (E/N whole experts, or a 1/N slice of every one).
+        E, I, H = shard.experts, shard.inter, cfg.hidden_size
+        self.gate = nn.Parameter(torch.empty(cfg.num_local_experts, H, **kw), requires_grad=False)  # the router
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, **kw), requires_grad=False)  # w1, w3 interleaved by row
         self.w2 = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
 
     def forward(self, x):
         route = ops.moe_route(F.linear(x, self.gate), self.top_k)  # softmax/top-k/renormalise + expert permutation
-        return ops.moe_experts(x, route, self.w13, self.w2)  # [T, H]
+        if self.shard.expert_parallel:
+            route = self.shard.local_route(route)  # only this rank's experts' contributions
+        return self.shard.all_reduce(ops.moe_experts(x, route, self.w13, self.w2))  # [T, H]
 
 
 def check_device(device):
@@ -274,8 +294,8 @@ def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1
         if device.type == "cuda":
             raise ModelTooLargeError(
                 head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 "
-                f"holds Mixtral-8x7B in bf16); int8 expert weights, which would halve the need, are not implemented "
-                f"yet.")
+                f"holds Mixtral-8x7B in bf16){_several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)}; int8 "
+                f"expert weights, which would halve the need, are not implemented yet.")
         smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
                    if param_bytes(cfg, d) < needed and param_bytes(cfg, d) + headroom <= free_bytes]
         if smaller:
@@ -288,3 +308,13 @@ def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1
                     f"(device=\"cuda\").")
         raise ModelTooLargeError(head + f"this machine has {free_bytes / gib:.1f} GiB of memory available{total}. "
                                  + hint)
+
+
+def _several_gpus(cfg, dtype, gpu_bytes, headroom):
+    """", or several: it needs N GPUs of X GiB ..." when a tensor-parallel split over GPUs like this one would fit."""
+    from .parallel import gpus_needed
+    n = gpus_needed(cfg, dtype, gpu_bytes, headroom=headroom)
+    if not n or n == 1:
+        return ""
+    return (f", or several: it needs {n} GPUs of {gpu_bytes / 2 ** 30:.0f} GiB in {str(dtype).replace('torch.', '')} "
+            f"(torchrun --nproc-per-node {n} -m mixtral_ext ...)")
