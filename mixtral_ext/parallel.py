@@ -28,12 +28,14 @@ Dimension legend as in model.py: T tokens, k experts per token, E experts, I exp
 Hq / Hkv query / key-value heads, D head dim, N ranks.
 """
 import datetime
+import gc
 import os
 
 import torch
 import torch.distributed as dist
 
 _OWNED = []  # the default process group, when this module initialised it (shutdown() destroys it)
+_PEER_LOST = []  # set when a collective found a rank gone: shutdown() then does not wait for it
 
 
 class ParallelError(RuntimeError):
@@ -95,11 +97,25 @@ def local_device(device):
 
 
 def shutdown():
-    """Destroy the default process group if process_group() created it (the CLI calls this on exit)."""
+    """Destroy the default process group if process_group() created it (the CLI calls this on exit; a program that
+    uses the Python API under torchrun should too, or call dist.destroy_process_group()). The ranks first wait for
+    each other: gloo ranks that leave while a peer is still connected abort at exit now and then ("terminate called
+    without an active exception"), and torchrun stops the other ranks as soon as one exits, possibly before they
+    printed their error."""
     while _OWNED:
         _OWNED.pop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            continue
+        # Frames kept alive by reference cycles (an exception's traceback) may still hold the group; destroying it
+        # must free it now, so that its worker threads are joined before the interpreter exits: a gloo worker that
+        # releases a tensor during interpreter finalization aborts the process.
+        gc.collect()
+        if not _PEER_LOST:
+            try:
+                dist.barrier()
+            except Exception:  # a rank died meanwhile: nothing to wait for
+                pass
+        dist.destroy_process_group()
 
 
 def _divisors(n):
@@ -131,7 +147,10 @@ class Shard:
         if not expert_parallel and I % world:
             raise ValueError(f"tensor parallel over {world} ranks: {world} does not divide intermediate_size={I} "
                              f"(each expert's w1/w3 rows and w2 columns are split); valid rank counts: {valid}")
-        self.world, self.rank, self.group, self.expert_parallel = world, rank, group, bool(expert_parallel)
+        self.world, self.rank, self.expert_parallel = world, rank, bool(expert_parallel)
+        # None stands for the default group: a model must not keep the process group object alive past
+        # destroy_process_group (its threads would then be torn down at interpreter exit, which aborts).
+        self.group = None if group is None or group is dist.group.WORLD else group
         self.q_heads, self.kv_heads = Hq // world, Hkv // world  # this rank's heads: Hq/N and Hkv/N
         self.first_q_head, self.first_kv_head = rank * self.q_heads, rank * self.kv_heads
         if self.expert_parallel:
@@ -191,21 +210,27 @@ def agree(group, error):
     on every rank: its own error where it failed, elsewhere a ParallelError quoting the failed ranks' messages. A
     rank that never arrives makes the others fail after the process group's timeout instead of waiting forever."""
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     states = [None] * world
     try:
-        dist.all_gather_object(states, mine, group=group)
-    except Exception as exc:  # a peer died (connection closed) or timed out
+        try:
+            dist.all_gather_object(states, mine, group=group)
+        except Exception as exc:  # a peer died (connection closed) or timed out
+            _PEER_LOST.append(True)
+            if error is None:
+                raise ParallelError(f"rank {rank} of {world}: the other ranks did not answer within "
+                                    f"{timeout_seconds():g} s (MIXTRAL_EXT_DIST_TIMEOUT) or one of them died "
+                                    f"({exc})") from None
         if error is not None:
             raise error
-        raise ParallelError(f"rank {dist.get_rank(group)} of {world}: the other ranks did not answer within "
-                            f"{timeout_seconds():g} s (MIXTRAL_EXT_DIST_TIMEOUT) or one of them died ({exc})") from None
-    if error is not None:
-        raise error
+    finally:
+        # No reference cycle (this frame -> error -> its traceback -> this frame) that would keep the frames'
+        # objects, the process group among them, alive until interpreter exit.
+        error = None
     failed = [(r, s) for r, s in enumerate(states) if s is not None]
     if failed:
         what = "; ".join(f"rank {r}: {s}" for r, s in failed)
-        raise ParallelError(f"rank {dist.get_rank(group)} of {world} stops because another rank failed ({what})")
+        raise ParallelError(f"rank {rank} of {world} stops because another rank failed ({what})")
 
 
 def broadcast_object(obj, shard):
@@ -388,5 +413,8 @@ def from_pretrained(cls, path, device, dtype, progress, expert_parallel, group):
         load_shard(path, cfg, dict(model.named_parameters()), shard, progress=progress and rank == 0)
     except Exception as exc:
         error, model = exc, None
-    agree(group, error)
+    try:
+        agree(group, error)
+    finally:
+        error = None  # no cycle through this frame (see agree)
     return model.eval()
