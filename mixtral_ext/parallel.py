@@ -404,6 +404,10 @@ def from_pretrained(cls, path, device, dtype, progress, expert_parallel, group):
     model, error = None, None
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     try:
+        backend = dist.get_backend(group)
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError(f"the process group's backend is NCCL, which cannot carry {device.type} tensors: use "
+                             f"device='cuda', or a gloo process group for the CPU")
         _, config_path, _ = find_checkpoint(path)
         cfg = MixtralConfig.from_pretrained(config_path)
         shard = Shard(cfg, world, rank, group, expert_parallel)
