@@ -166,8 +166,9 @@ class Mixtral(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, shard, **kw):
+    def __init__(self, cfg, shard=None, **kw):
         super().__init__()
+        shard = shard or Shard(cfg)
         self.eps = cfg.rms_norm_eps
         self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
         self.attention = Attention(cfg, shard, **kw)
@@ -184,8 +185,9 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, shard, **kw):
+    def __init__(self, cfg, shard=None, **kw):
         super().__init__()
+        shard = shard or Shard(cfg)
         # Hq, Hkv below are this rank's heads (all of them in one process; Hq/N and Hkv/N of N tensor-parallel ranks).
         self.n_heads, self.head_dim = shard.q_heads, cfg.head_dim
         self.shard = shard
@@ -212,8 +214,9 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, shard, **kw):
+    def __init__(self, cfg, shard=None, **kw):
         super().__init__()
+        shard = shard or Shard(cfg)
         self.top_k = cfg.num_experts_per_tok
         self.shard = shard
         # The router sees all experts; w13/w2 hold this rank's (E/N whole experts, or a 1/N slice of every one).

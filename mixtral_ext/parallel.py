@@ -61,13 +61,6 @@ def launched_world_size():
         return 1
 
 
-def launched_rank():
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def process_group(device):
     """The default process group when there are several ranks, else None. Initialises it from torchrun's
     environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when nobody has yet: NCCL for a CUDA device, gloo
