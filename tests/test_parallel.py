@@ -419,7 +419,8 @@ def cli_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("world,command", [(2, "generate"), (4, "chat")])
 def test_cli_under_torchrun_prints_what_one_process_prints(world, command, cli_ckpt):
     if command == "generate":
-        args, stdin = ["generate", "--model", cli_ckpt, "--prompt", "Mixture of experts", "--device", "cpu"], None
+        # the prompt from stdin: rank 0 reads it and hands it to the others
+        args, stdin = ["generate", "--model", cli_ckpt, "--prompt", "-", "--device", "cpu"], "Mixture of experts\n"
     else:  # expert parallel; rank 0 reads the turns and hands them to the others
         args, stdin = ["chat", "--model", cli_ckpt, "--device", "cpu", "--expert-parallel"], "Hi there\nAnd now?\n"
     args += ["--max-new-tokens", "12"]
