@@ -83,13 +83,13 @@ def graphs_supported(model):
         return False
     if not all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in ops.OP_NAMES):
         return False
-    cfg = model.config
+    cfg, shard = model.config, model.shard  # the shapes this rank runs (all heads and experts in one process)
     meta = dict(device="meta", dtype=model.dtype)
-    q = torch.empty(1, cfg.num_attention_heads, cfg.head_dim, **meta)  # [B, Hq, D]
-    k_cache = torch.empty(1, 1, cfg.num_key_value_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
-    E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    q = torch.empty(1, shard.q_heads, cfg.head_dim, **meta)  # [B, Hq, D]
+    k_cache = torch.empty(1, 1, shard.kv_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
+    E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, shard.inter
     x = torch.empty(1, H, **meta)
-    w13, w2 = torch.empty(E, 2 * I, H, **meta), torch.empty(E, H, I, **meta)
+    w13, w2 = torch.empty(shard.experts, 2 * I, H, **meta), torch.empty(shard.experts, H, I, **meta)
     return (ops.KERNEL_SHAPES["attention_decode"](q, k_cache, k_cache)
             and ops.KERNEL_SHAPES["moe_route"](torch.empty(1, E, **meta), k)
             and ops.KERNEL_SHAPES["moe_experts"](x, None, None, None, None, None, w13, w2))
