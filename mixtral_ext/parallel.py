@@ -301,26 +301,35 @@ def load_shard(path, cfg, params, shard, progress=True):
     q0, k0 = s.first_q_head * D, s.first_kv_head * D
     i0, il = s.first_inter, s.inter
 
+    e0, e1, I = s.first_expert, s.first_expert + s.experts, cfg.intermediate_size  # this rank's experts [e0, e1)
+
     def read(role, expert, sl, transform):
-        """(slice of the stored tensor this rank keeps, or None, and the view of the local parameter it goes to)."""
+        """[(a slice of the stored tensor that this rank keeps, the view of the local parameter it goes to)]."""
         if role == "q":
             value = sl[q0:q0 + ql]
-            return (transform(value, s.q_heads, D) if transform else value), lambda p: p[:ql]
+            return [((transform(value, s.q_heads, D) if transform else value), lambda p: p[:ql])]
         if role == "k":
             value = sl[k0:k0 + kl]
-            return (transform(value, s.kv_heads, D) if transform else value), lambda p: p[ql:ql + kl]
+            return [((transform(value, s.kv_heads, D) if transform else value), lambda p: p[ql:ql + kl])]
         if role == "v":
-            return sl[k0:k0 + kl], lambda p: p[ql + kl:ql + 2 * kl]
+            return [(sl[k0:k0 + kl], lambda p: p[ql + kl:ql + 2 * kl])]
         if role == "o":
-            return sl[:, q0:q0 + ql], lambda p: p
-        if role in ("w1", "w3", "w2"):
-            e = expert - s.first_expert
-            if not 0 <= e < s.experts:
-                return None, None  # another rank's expert
+            return [(sl[:, q0:q0 + ql], lambda p: p)]
+        if role in ("w1", "w3", "w2"):  # one expert's [I, H] or [H, I]
+            if not e0 <= expert < e1:
+                return []  # another rank's expert
+            e = expert - e0
             if role == "w2":
-                return sl[:, i0:i0 + il], lambda p: p[e]
-            return sl[i0:i0 + il], (lambda p: p[e, 0::2]) if role == "w1" else (lambda p: p[e, 1::2])
-        return sl[:], lambda p: p
+                return [(sl[:, i0:i0 + il], lambda p: p[e])]
+            return [(sl[i0:i0 + il], (lambda p: p[e, 0::2]) if role == "w1" else (lambda p: p[e, 1::2]))]
+        if role == "gate_up":  # all experts' [E, 2I, H]: w1 rows, then w3 rows
+            return [(sl[e0:e1, i0:i0 + il], lambda p: p[:, 0::2]),
+                    (sl[e0:e1, I + i0:I + i0 + il], lambda p: p[:, 1::2])]
+        if role in ("gate_all", "up_all"):  # all experts' w1 or w3 [E, I, H]
+            return [(sl[e0:e1, i0:i0 + il], (lambda p: p[:, 0::2]) if role == "gate_all" else (lambda p: p[:, 1::2]))]
+        if role == "down_all":  # all experts' w2 [E, H, I]
+            return [(sl[e0:e1, :, i0:i0 + il], lambda p: p)]
+        return [(sl[:], lambda p: p)]
 
     seen, reads = {}, []
     for file in files:  # first pass: every header entry checked before any data is read
@@ -361,17 +370,14 @@ def load_shard(path, cfg, params, shard, progress=True):
                 open_file, mapped = file, 0
             mapped += nbytes
             param, _, _, permute = expected[name]
-            stem = name.rsplit(".", 2)[-2]
-            role = _ROLES.get(stem, "whole")
-            expert = int(name.split(".experts.")[1].split(".")[0]) if ".experts." in name else None
             try:
-                value, place = read(role, expert, f.get_slice(name),
-                                    _interleaved_to_rotate_half if permute is not None else None)
+                parts = read(*_role(name), f.get_slice(name),
+                             _interleaved_to_rotate_half if permute is not None else None)
             except Exception as exc:
                 raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
-            if value is not None:
+            for value, place in parts:
                 place(params[param]).copy_(value)
-                del value
+            del parts
             bar.update(1)
     finally:
         if f is not None:
@@ -382,9 +388,24 @@ def load_shard(path, cfg, params, shard, progress=True):
     return layout
 
 
-# The last name component before ".weight" of the tensors that are split, in both layouts.
+# How each stored tensor is split (load_shard's read), by the end of its name, in every layout of weights.LAYOUTS:
+# the experts stacked in one tensor (hf-fused, mlx), then the per-tensor names before ".weight" (hf, consolidated).
+_STACKED = ((".experts.gate_up_proj", "gate_up"), (".experts.down_proj", "down_all"),
+            (".switch_mlp.gate_proj.weight", "gate_all"), (".switch_mlp.up_proj.weight", "up_all"),
+            (".switch_mlp.down_proj.weight", "down_all"))
 _ROLES = {"q_proj": "q", "wq": "q", "k_proj": "k", "wk": "k", "v_proj": "v", "wv": "v", "o_proj": "o", "wo": "o",
           "w1": "w1", "w3": "w3", "w2": "w2"}
+
+
+def _role(name):
+    """(role, expert index or None) of a stored tensor; role "whole" for the replicated ones."""
+    for suffix, role in _STACKED:
+        if name.endswith(suffix):
+            return role, None
+    role = _ROLES.get(name.rsplit(".", 2)[-2], "whole")
+    if role in ("w1", "w3", "w2"):
+        return role, int(name.split(".experts.")[1].split(".")[0])
+    return role, None
 
 
 def from_pretrained(cls, path, device, dtype, progress, expert_parallel, group):

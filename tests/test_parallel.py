@@ -88,12 +88,35 @@ def write_consolidated(path, cfg, tensors, n_files=2):
     return str(path)
 
 
+def write_stacked(path, cfg, tensors, layout):
+    """The experts of each layer stacked: transformers >= 5's fused layout ("hf-fused": mlp.experts.gate_up_proj =
+    w1 rows then w3 rows, down_proj) or mlx-lm's ("mlx": block_sparse_moe.switch_mlp.gate/up/down_proj)."""
+    out = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for n in range(cfg.num_hidden_layers):
+        m = f"model.layers.{n}.block_sparse_moe"
+        w1, w3, w2 = (torch.stack([tensors[f"{m}.experts.{e}.{w}.weight"] for e in range(cfg.num_local_experts)])
+                      for w in ("w1", "w3", "w2"))
+        if layout == "hf-fused":
+            out[f"model.layers.{n}.mlp.gate.weight"] = out.pop(f"{m}.gate.weight")
+            out[f"model.layers.{n}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+            out[f"model.layers.{n}.mlp.experts.down_proj"] = w2
+        else:
+            out.update({f"{m}.switch_mlp.gate_proj.weight": w1, f"{m}.switch_mlp.up_proj.weight": w3,
+                        f"{m}.switch_mlp.down_proj.weight": w2})
+    os.makedirs(path, exist_ok=True)
+    cfg.save(path)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     tensors = random_weights(CFG, seed=3, std=0.3)  # wide logits: greedy choices are not near-ties
     paths = {"hf": write_hf_sharded(root / "hf", CFG, tensors),
-             "consolidated": write_consolidated(root / "consolidated", CFG, tensors)}
+             "consolidated": write_consolidated(root / "consolidated", CFG, tensors),
+             "hf-fused": write_stacked(root / "fused", CFG, tensors, "hf-fused"),
+             "mlx": write_stacked(root / "mlx", CFG, tensors, "mlx")}
     missing = shutil.copytree(paths["hf"], root / "missing")
     os.remove(os.path.join(missing, "model-00002-of-00003.safetensors"))  # what one node's copy may lack
     paths["missing"] = str(missing)
@@ -298,7 +321,7 @@ class _CountingOpen:
         return Slice()
 
 
-@pytest.mark.parametrize("layout", ["hf", "consolidated"])
+@pytest.mark.parametrize("layout", ["hf", "consolidated", "hf-fused", "mlx"])
 @pytest.mark.parametrize("world,ep", [(2, False), (4, False), (2, True), (4, True)])
 def test_each_rank_reads_only_its_slices_and_they_are_the_right_ones(layout, world, ep, ckpts, reference,
                                                                      monkeypatch):
@@ -311,7 +334,7 @@ def test_each_rank_reads_only_its_slices_and_they_are_the_right_ones(layout, wor
         shard = Shard(CFG, world, rank, expert_parallel=ep)
         model = Mixtral(CFG, shard=shard)
         _CountingOpen.read = 0
-        parallel.load_shard(ckpts[layout], CFG, dict(model.named_parameters()), shard, progress=False)
+        assert parallel.load_shard(ckpts[layout], CFG, dict(model.named_parameters()), shard, progress=False) == layout
         kept = sum(p.numel() for p in model.parameters())
         assert _CountingOpen.read == kept, "read elements that the rank does not keep"
         for n, p in model.named_parameters():
