@@ -292,7 +292,7 @@ def load_shard(path, cfg, params, shard, progress=True):
     from .weights import (_CHUNK_BYTES, _FLOAT_DTYPES, CheckpointError, _interleaved_to_rotate_half, _open,
                           _progress, expected_tensors, find_checkpoint)
 
-    layout, _, files = find_checkpoint(path)
+    layout, _, files = find_checkpoint(path, announce=False)  # from_pretrained announced the choice (rank 0)
     expected = expected_tensors(cfg, layout)
     optional = {"lm_head.weight", "output.weight"} if cfg.tie_word_embeddings else set()
     device = next(iter(params.values())).device
@@ -422,7 +422,7 @@ def from_pretrained(cls, path, device, dtype, progress, expert_parallel, group):
         if backend == "nccl" and device.type != "cuda":
             raise ValueError(f"the process group's backend is NCCL, which cannot carry {device.type} tensors: use "
                              f"device='cuda', or a gloo process group for the CPU")
-        _, config_path, _ = find_checkpoint(path)
+        _, config_path, _ = find_checkpoint(path, announce=rank == 0)
         cfg = MixtralConfig.from_pretrained(config_path)
         shard = Shard(cfg, world, rank, group, expert_parallel)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -129,8 +129,8 @@ def ckpts(tmp_path_factory):
 def reference(ckpts):
     model = Mixtral.from_pretrained(ckpts["hf"], progress=False)
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".moe.w" in n)
-    return {"model": model, "logits": model(IDS), "greedy": model.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0),
-            "expert_bytes": experts}
+    return {"model": model, "logits": model(IDS), "expert_bytes": experts,
+            "greedy": model.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)}
 
 
 # ---- the multi-process runner --------------------------------------------------------------------------------------
