@@ -2,8 +2,9 @@
 
 Launched by torchrun (`torchrun --nproc-per-node N -m mixtral_ext generate ...`) or under a default process group
 the caller initialised; Mixtral.from_pretrained notices either (process_group) and loads this rank's shard only.
-NCCL on GPUs, gloo on CPUs; every collective times out after MIXTRAL_EXT_DIST_TIMEOUT seconds (default 600), so a
-rank that died or diverged gives an error instead of a hang.
+NCCL on GPUs, gloo on CPUs; in a group initialised here every collective times out after MIXTRAL_EXT_DIST_TIMEOUT
+seconds (default 600; a caller's own group keeps its timeout), so a rank that died or diverged gives an error
+instead of a hang.
 
 What each of the N ranks holds (Shard), rank r:
   attention   query heads [r Hq/N, (r+1) Hq/N) and the KV heads they read, [r Hkv/N, (r+1) Hkv/N) (with grouped-query
@@ -34,7 +35,7 @@ import os
 import torch
 import torch.distributed as dist
 
-_OWNED = []  # the default process group, when this module initialised it (shutdown() destroys it)
+_OWNED = []  # non-empty when this module initialised the default process group (shutdown() destroys it)
 _PEER_LOST = []  # set when a collective found a rank gone: shutdown() then does not wait for it
 
 
@@ -77,7 +78,7 @@ def process_group(device):
             torch.cuda.set_device(local_device(device))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
-        _OWNED.append(dist.group.WORLD)
+        _OWNED.append(True)  # not the group itself: no reference that outlives destroy_process_group
     return dist.group.WORLD if dist.get_world_size() > 1 else None
 
 
