@@ -1,96 +1,25 @@
-// The only torch-facing file: CUDA kernels for the ops whose schemas mixtral_ext/ops.py defines.
+// The CUDA binding: the real kernels for the ops whose schemas mixtral_ext/ops.py defines, on CUDA tensors.
 //
-// Every entry point: named shape / dtype / device / contiguity checks (TORCH_CHECK: the caller's error) -> device
-// guard -> current stream -> launch through a torch-free launcher in csrc/kernels -> launch-error check. Nothing
-// here synchronises with the host, so every op can be captured in a CUDA graph. Dimension legend as in
-// reference.py (T tokens, B sequences, S cache slots, H hidden, I ffn, E experts, k slots, Hq/Hkv heads, D dim).
+// The tensor -> params logic of every op (checks, outputs, launches) lives in op_impl.h, shared with the emulation
+// binding (csrc/emu/emu_ops.cpp); this file is its CUDA backend: CUDA tensors, at::empty, the device guard, the current
+// stream, the attention_prefill path choice and the MoE device attributes. Nothing here synchronises with the host,
+// so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "rms_norm.h"
-#include "attention_prefill.h"
 #include <cstdlib>
-#include <string>
-#include "rope.h"
-#include "attention_decode.h"
-#include "moe_decode.h"
-#include "moe_gemm.h"
-#include "moe_route.h"
 #include <mutex>
-#include <tuple>
+#include <string>
 #include <unordered_map>
-// @@includes (each op family adds its header here)
+
+#include "op_impl.h"
 
 namespace {
 
-using mixtral::DType;
+using namespace mixtral::binding;
 
-DType dtype_tag(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
-
-#define CHECK_CUDA_TENSOR(op, t) \
-  TORCH_CHECK((t).is_cuda(), op, ": " #t " must be a CUDA tensor, got device ", (t).device())
-#define CHECK_SAME_DEVICE(op, a, b) \
-  TORCH_CHECK((a).device() == (b).device(), op, ": " #a " and " #b " are on different devices (", \
-              (a).device(), " vs ", (b).device(), ")")
-#define CHECK_CONTIGUOUS(op, t) TORCH_CHECK((t).is_contiguous(), op, ": " #t " must be contiguous")
-#define CHECK_DTYPE(op, t, dt) \
-  TORCH_CHECK((t).scalar_type() == (dt), op, ": " #t " must be ", dt, ", got ", (t).scalar_type())
-#define CHECK_DIM(op, t, n) TORCH_CHECK((t).dim() == (n), op, ": " #t " must be ", n, "-D, got shape ", (t).sizes())
-#define CHECK_LAUNCH(op, err) \
-  TORCH_CHECK((err) == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err))
-
-// ---- rms_norm ---------------------------------------------------------------------------------------------------
-// x: [T, H] (rows may be strided, H contiguous), weight: [H], residual: [T, H] or None (updated in place).
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps,
-                         const std::optional<at::Tensor>& residual) {
-  constexpr const char* op = "mixtral_ext::rms_norm";
-  CHECK_CUDA_TENSOR(op, x);
-  CHECK_SAME_DEVICE(op, x, weight);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got ", x.sizes());
-  TORCH_CHECK(x.stride(-1) == 1, op, ": x's last dimension must be contiguous");
-  CHECK_DIM(op, weight, 1);
-  TORCH_CHECK(weight.size(0) == x.size(-1), op, ": weight has ", weight.size(0), " elements, x's rows have ",
-              x.size(-1));
-  CHECK_CONTIGUOUS(op, weight);
-  CHECK_DTYPE(op, weight, x.scalar_type());
-  const int64_t H = x.size(-1);
-  // Leading dims are flattened into rows; a 2-D strided view keeps its row stride, anything else must be dense.
-  at::Tensor x2 = x.dim() == 2 ? x : x.contiguous().view({-1, H});
-  mixtral::RmsNormParams p{};
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    CHECK_SAME_DEVICE(op, x, r);
-    CHECK_DTYPE(op, r, x.scalar_type());
-    TORCH_CHECK(r.sizes() == x.sizes(), op, ": residual shape ", r.sizes(), " differs from x shape ", x.sizes());
-    TORCH_CHECK(r.stride(-1) == 1 && (r.dim() == 2 || r.is_contiguous()), op,
-                ": residual must be contiguous (or a 2-D view with contiguous rows)");
-    p.residual = r.data_ptr();
-    p.residual_stride = r.dim() == 2 ? r.stride(0) : H;
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  p.x = x2.data_ptr();
-  p.w = weight.data_ptr();
-  p.out = out.data_ptr();
-  p.rows = x2.size(0);
-  p.hidden = H;
-  p.x_stride = x2.stride(0);
-  p.eps = static_cast<float>(eps);
-  p.dtype = dtype_tag(x, op, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  CHECK_LAUNCH(op, mixtral::rms_norm_launch(p, c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
-// ---- attention_prefill ------------------------------------------------------------------------------------------
 // Which kernel serves attention_prefill: MIXTRAL_EXT_ATTN_PATH=sm80|sm90|auto (default auto), read once per process.
 // auto: the Hopper wgmma kernel on compute capability 9.x when this build holds it (sm_90a pass), else the sm_80
 // mma.sync kernel; sm80 forces the mma.sync kernel on any GPU (to test it on Hopper); sm90 errors where unavailable.
@@ -126,437 +55,78 @@ mixtral::AttnPath attn_prefill_path(const at::Tensor& q) {
   return usable ? mixtral::AttnPath::kSm90 : mixtral::AttnPath::kSm80;
 }
 
-// q: [T, Hq, D] (D contiguous), k_cache / v_cache: [B, S, Hkv, D] (D contiguous), cu_seqlens_q: [B + 1] int32,
-// seq_lens_k: [B] int32. Values inside cu_seqlens_q / seq_lens_k are the caller's contract (0 = cu[0] <= ... <=
-// cu[B] = T, n_b <= max_seqlen_q, n_b <= seq_lens_k[b] <= S): checking them would need a host sync.
+struct CudaBackend {
+  static constexpr const char* kDeviceWord = "CUDA";
+  bool on_device(const at::Tensor& t) const { return t.is_cuda(); }
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts, const char* /*name*/) const {
+    return at::empty(sizes, opts);
+  }
+  c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
+  int device_index(const at::Tensor& t) const { return t.device().index(); }
+  void check_launch(const char* op, cudaError_t err) const {
+    TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  }
+  mixtral::AttnPath attn_prefill_path(const at::Tensor& q) const { return ::attn_prefill_path(q); }
+  // MIXTRAL_EXT_DECODE_SPLITS=n (read on every call) forces n splits, for tests of the split/combine path.
+  int decode_splits(int n) const {
+    if (const char* forced = std::getenv("MIXTRAL_EXT_DECODE_SPLITS"); forced != nullptr && *forced != '\0')
+      return std::max(1, std::min(std::atoi(forced), 64));
+    return n;
+  }
+  // Read once per device.
+  MoeDeviceAttrs moe_attrs(const at::Tensor& x) const {
+    static std::mutex mu;
+    static std::unordered_map<int, MoeDeviceAttrs> cache;
+    const int device = x.get_device();
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(device);
+    if (it != cache.end()) return it->second;
+    return cache.emplace(device, read_moe_device_attrs(device)).first->second;
+  }
+  bool moe_prefill(int64_t T) const { return T > mixtral::kMoeDecodeMaxTokens; }
+  bool moe_decode_fallback() const { return true; }
+};
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps,
+                         const std::optional<at::Tensor>& residual) {
+  CudaBackend b;
+  return rms_norm_impl(b, x, weight, eps, residual);
+}
+
 at::Tensor attention_prefill_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k, int64_t max_seqlen_q,
                                   double scale, int64_t window) {
-  constexpr const char* op = "mixtral_ext::attention_prefill";
-  CHECK_CUDA_TENSOR(op, q);
-  CHECK_SAME_DEVICE(op, q, k_cache);
-  CHECK_SAME_DEVICE(op, q, v_cache);
-  CHECK_SAME_DEVICE(op, q, cu_seqlens_q);
-  CHECK_SAME_DEVICE(op, q, seq_lens_k);
-  CHECK_DIM(op, q, 3);
-  CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
-  CHECK_DIM(op, cu_seqlens_q, 1);
-  CHECK_DIM(op, seq_lens_k, 1);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              ": q must be bfloat16 or float16, got ", q.scalar_type());
-  CHECK_DTYPE(op, k_cache, q.scalar_type());
-  CHECK_DTYPE(op, v_cache, q.scalar_type());
-  CHECK_DTYPE(op, cu_seqlens_q, at::kInt);
-  CHECK_DTYPE(op, seq_lens_k, at::kInt);
-  CHECK_CONTIGUOUS(op, cu_seqlens_q);
-  CHECK_CONTIGUOUS(op, seq_lens_k);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
-              v_cache.sizes());
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t B = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(D == 128, op, ": only head_dim 128 is implemented, got q head_dim ", D);
-  TORCH_CHECK(k_cache.size(3) == D, op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ", D);
-  // Hq > 0 as well: Hq = 0 would pass the modulo and then divide by G = 0 below.
-  TORCH_CHECK(Hkv > 0 && Hq > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV "
-              "heads (", Hkv, ")");
-  TORCH_CHECK(mixtral::kAttnPrefillRowsPerBlock % (Hq / Hkv) == 0, op, ": the GQA group size Hq / Hkv = ", Hq / Hkv,
-              " must divide ", mixtral::kAttnPrefillRowsPerBlock);
-  TORCH_CHECK(cu_seqlens_q.size(0) == B + 1, op, ": cu_seqlens_q must have B + 1 = ", B + 1, " entries, got ",
-              cu_seqlens_q.size(0));
-  TORCH_CHECK(seq_lens_k.size(0) == B, op, ": seq_lens_k must have B = ", B, " entries, got ", seq_lens_k.size(0));
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q < (int64_t{1} << 31), op, ": max_seqlen_q must be in [0, 2^31), got ",
-              max_seqlen_q);
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window), got ", window);
-  TORCH_CHECK(S < (int64_t{1} << 31) && T < (int64_t{1} << 31) && B < 65536 && Hkv < 65536, op,
-              ": sizes out of range (T, S < 2^31, B, Hkv < 65536)");
-  // The kernels copy 16-byte rows of D elements: unit inner stride, every other stride and the base 16-byte aligned.
-  auto check_rows = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, "'s last dimension must be contiguous");
-    for (int d = 0; d + 1 < t.dim(); ++d)
-      TORCH_CHECK(t.stride(d) % 8 == 0, op, ": ", name, "'s strides must be multiples of 8 elements, got ",
-                  t.strides());
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name, " must be 16-byte aligned");
-  };
-  check_rows(q, "q");
-  check_rows(k_cache, "k_cache");
-  check_rows(v_cache, "v_cache");
-
-  at::Tensor out = at::empty({T, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (T == 0 || B == 0 || max_seqlen_q == 0) return out;
-  mixtral::AttentionPrefillParams p{};
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
-  p.seq_lens_k = seq_lens_k.data_ptr<int>();
-  p.out = out.data_ptr();
-  p.q_stride_t = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.k_stride_b = k_cache.stride(0);
-  p.k_stride_s = k_cache.stride(1);
-  p.k_stride_h = k_cache.stride(2);
-  p.v_stride_b = v_cache.stride(0);
-  p.v_stride_s = v_cache.stride(1);
-  p.v_stride_h = v_cache.stride(2);
-  p.batch = static_cast<int>(B);
-  p.cache_len = static_cast<int>(S);
-  p.num_heads_q = static_cast<int>(Hq);
-  p.num_heads_kv = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
-  p.scale = static_cast<float>(scale);
-  p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
-  p.dtype = q.scalar_type() == at::kBFloat16 ? mixtral::DType::kBFloat16 : mixtral::DType::kFloat16;
-  const c10::cuda::CUDAGuard guard(q.device());
-  const mixtral::AttnPath path = attn_prefill_path(q);
-  CHECK_LAUNCH(op, mixtral::attention_prefill_launch(p, path, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  CudaBackend b;
+  return attention_prefill_impl(b, q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_q, scale, window);
 }
 
-// ---- rope_kv_append ---------------------------------------------------------------------------------------------
-// qkv: [T, (Hq + 2 Hkv) * D], positions / seq_ids: [T] int32, cos_sin: [P, D] float32 (cos | sin halves),
-// k_cache / v_cache: [B, S, Hkv, D] (written in place), all contiguous. Returns q: [T, Hq, D]. Index ranges
-// (0 <= positions[t] < min(P, S), 0 <= seq_ids[t] < B) are the caller's contract: checking them would need a host
-// sync; the kernel skips a violating token (no cache write, zero q row) instead of writing out of bounds.
 at::Tensor rope_kv_append_cuda(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& seq_ids,
                                const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  constexpr const char* op = "mixtral_ext::rope_kv_append";
-  CHECK_CUDA_TENSOR(op, qkv);
-  CHECK_SAME_DEVICE(op, qkv, positions);
-  CHECK_SAME_DEVICE(op, qkv, seq_ids);
-  CHECK_SAME_DEVICE(op, qkv, cos_sin);
-  CHECK_SAME_DEVICE(op, qkv, k_cache);
-  CHECK_SAME_DEVICE(op, qkv, v_cache);
-  CHECK_DIM(op, qkv, 2);
-  CHECK_DIM(op, positions, 1);
-  CHECK_DIM(op, seq_ids, 1);
-  CHECK_DIM(op, cos_sin, 2);
-  CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
-  const DType dtype = dtype_tag(qkv, op, "qkv");
-  CHECK_DTYPE(op, k_cache, qkv.scalar_type());
-  CHECK_DTYPE(op, v_cache, qkv.scalar_type());
-  CHECK_DTYPE(op, positions, at::kInt);
-  CHECK_DTYPE(op, seq_ids, at::kInt);
-  CHECK_DTYPE(op, cos_sin, at::kFloat);
-  CHECK_CONTIGUOUS(op, qkv);
-  CHECK_CONTIGUOUS(op, positions);
-  CHECK_CONTIGUOUS(op, seq_ids);
-  CHECK_CONTIGUOUS(op, cos_sin);
-  CHECK_CONTIGUOUS(op, k_cache);
-  CHECK_CONTIGUOUS(op, v_cache);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
-              v_cache.sizes());
-  const int64_t T = qkv.size(0), W = qkv.size(1);
-  const int64_t B = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim (k_cache.size(3)) must be even and positive, got ", D);
-  TORCH_CHECK(Hkv > 0, op, ": k_cache must have at least one KV head");
-  TORCH_CHECK(W % D == 0 && W / D > 2 * Hkv, op, ": qkv width ", W, " must be (Hq + 2 * Hkv) * D with Hq >= 1, Hkv = ",
-              Hkv, ", D = ", D);
-  const int64_t Hq = W / D - 2 * Hkv;
-  TORCH_CHECK(positions.size(0) == T, op, ": positions has ", positions.size(0), " entries, qkv has ", T, " tokens");
-  TORCH_CHECK(seq_ids.size(0) == T, op, ": seq_ids has ", seq_ids.size(0), " entries, qkv has ", T, " tokens");
-  TORCH_CHECK(cos_sin.size(1) == D, op, ": cos_sin must be [P, D = ", D, "], got ", cos_sin.sizes());
-  TORCH_CHECK(Hq + 2 * Hkv < (int64_t{1} << 31), op, ": too many heads");
-
-  at::Tensor q = at::empty({T, Hq, D}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
-  if (T == 0) return q;
-  mixtral::RopeKvAppendParams p{};
-  p.qkv = qkv.data_ptr();
-  p.positions = positions.data_ptr<int32_t>();
-  p.seq_ids = seq_ids.data_ptr<int32_t>();
-  p.cos_sin = cos_sin.data_ptr<float>();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.q_out = q.data_ptr();
-  p.tokens = T;
-  p.q_heads = static_cast<int>(Hq);
-  p.kv_heads = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.table_len = cos_sin.size(0);
-  p.batch = B;
-  p.max_len = S;
-  p.dtype = dtype;
-  const c10::cuda::CUDAGuard guard(qkv.device());
-  CHECK_LAUNCH(op, mixtral::rope_kv_append_launch(p, c10::cuda::getCurrentCUDAStream()));
-  return q;
+  CudaBackend b;
+  return rope_kv_append_impl(b, qkv, positions, seq_ids, cos_sin, k_cache, v_cache);
 }
 
-// ---- attention_decode -------------------------------------------------------------------------------------------
-// q: [B, Hq, D], k_cache / v_cache: [B, S, Hkv, D], seq_lens: [B] int32 (valid slots incl. the new token), all
-// contiguous. Returns [B, Hq, D]. seq_lens values are the caller's contract (0 <= seq_lens[b] <= S; 0 gives a zero
-// row); the split count depends only on the shapes, so a captured graph replays correctly with new lengths.
-// MIXTRAL_EXT_DECODE_SPLITS=n (read on every call) forces n splits, for tests of the split/combine path.
 at::Tensor attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& seq_lens, double scale, int64_t window) {
-  constexpr const char* op = "mixtral_ext::attention_decode";
-  CHECK_CUDA_TENSOR(op, q);
-  CHECK_SAME_DEVICE(op, q, k_cache);
-  CHECK_SAME_DEVICE(op, q, v_cache);
-  CHECK_SAME_DEVICE(op, q, seq_lens);
-  CHECK_DIM(op, q, 3);
-  CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
-  CHECK_DIM(op, seq_lens, 1);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              ": q must be bfloat16 or float16, got ", q.scalar_type());
-  CHECK_DTYPE(op, k_cache, q.scalar_type());
-  CHECK_DTYPE(op, v_cache, q.scalar_type());
-  CHECK_DTYPE(op, seq_lens, at::kInt);
-  CHECK_CONTIGUOUS(op, q);
-  CHECK_CONTIGUOUS(op, k_cache);
-  CHECK_CONTIGUOUS(op, v_cache);
-  CHECK_CONTIGUOUS(op, seq_lens);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
-              v_cache.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t S = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B, op, ": k_cache has ", k_cache.size(0), " sequences, q has ", B);
-  TORCH_CHECK(k_cache.size(3) == D, op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ", D);
-  TORCH_CHECK(seq_lens.size(0) == B, op, ": seq_lens must have B = ", B, " entries, got ", seq_lens.size(0));
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv,
-              ")");
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window), got ", window);
-  TORCH_CHECK(B < 65536 && Hkv < 65536 && S > 0 && S * Hkv * D < (int64_t{1} << 31), op,
-              ": sizes out of range (B, Hkv < 65536, 0 < S, S * Hkv * D < 2^31), got B = ", B, ", Hkv = ", Hkv,
-              ", S = ", S);
-  const DType dtype = q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  TORCH_CHECK(mixtral::attention_decode_supported(static_cast<int>(D), static_cast<int>(Hq), static_cast<int>(Hkv),
-                                                  dtype),
-              op, ": unsupported shape: head_dim must be 16, 32, 64 or 128 and Hq / Hkv 1, 2, 4 or 8; got head_dim ",
-              D, ", Hq ", Hq, ", Hkv ", Hkv);
-  for (const at::Tensor* t : {&q, &k_cache, &v_cache})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": q, k_cache and v_cache must be 16-byte "
-                "aligned");
-
-  at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0) return out;
-  const c10::cuda::CUDAGuard guard(q.device());
-  int sm_count = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.device().index()) == cudaSuccess,
-              op, ": cannot read the SM count of ", q.device());
-  const int64_t span = window > 0 ? std::min<int64_t>(S, window) : S;  // most slots one query can see
-  int splits = mixtral::attention_decode_num_splits(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv),
-                                                    static_cast<int>(D), span, dtype, sm_count);
-  if (const char* forced = std::getenv("MIXTRAL_EXT_DECODE_SPLITS"); forced != nullptr && *forced != '\0')
-    splits = std::max(1, std::min(std::atoi(forced), 64));
-  at::Tensor ws_out, ws_lse;
-  mixtral::AttentionDecodeParams p{};
-  if (splits > 1) {
-    ws_out = at::empty({splits, B, Hq, D}, q.options().dtype(at::kFloat));  // [splits, B, Hq, D]
-    ws_lse = at::empty({splits, B, Hq}, q.options().dtype(at::kFloat));     // [splits, B, Hq]
-    p.ws_out = ws_out.data_ptr<float>();
-    p.ws_lse = ws_lse.data_ptr<float>();
-  }
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.out = out.data_ptr();
-  p.batch = static_cast<int>(B);
-  p.q_heads = static_cast<int>(Hq);
-  p.kv_heads = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.max_len = S;
-  p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
-  p.scale = static_cast<float>(scale);
-  p.num_splits = splits;
-  p.dtype = dtype;
-  CHECK_LAUNCH(op, mixtral::attention_decode_launch(p, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  CudaBackend b;
+  return attention_decode_impl(b, q, k_cache, v_cache, seq_lens, scale, window);
 }
 
-// ---- moe_route / moe_experts ------------------------------------------------------------------------------------
-// Device attributes the MoE launchers need: host-side queries (no sync), read once per device.
-struct MoeDeviceAttrs {
-  int sm_count = 0;
-  int max_smem_optin = 0;
-  int sm_major = 0;
-};
-
-MoeDeviceAttrs moe_device_attrs(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, MoeDeviceAttrs> cache;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  MoeDeviceAttrs a;
-  TORCH_CHECK(cudaDeviceGetAttribute(&a.sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&a.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
-                      cudaSuccess &&
-                  cudaDeviceGetAttribute(&a.sm_major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
-              "mixtral_ext::moe_experts: cannot read the attributes of CUDA device ", device);
-  cache.emplace(device, a);
-  return a;
-}
-
-// router_logits: [T, E] (E contiguous, rows may be strided). Returns (topk_weights [T, k] f32, topk_ids [T, k] i32,
-// expert_counts [E] i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32, token_rows [T, k] i32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
     const at::Tensor& router_logits, int64_t top_k) {
-  constexpr const char* op = "mixtral_ext::moe_route";
-  CHECK_CUDA_TENSOR(op, router_logits);
-  CHECK_DIM(op, router_logits, 2);
-  const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= mixtral::kMoeRouteMaxExperts, op, ": router_logits has ", E,
-              " experts (columns); supported: 1 to ", mixtral::kMoeRouteMaxExperts);
-  TORCH_CHECK(top_k >= 1 && top_k <= mixtral::kMoeRouteMaxTopK && top_k <= E, op, ": top_k must be in 1..",
-              std::min<int64_t>(E, mixtral::kMoeRouteMaxTopK), " for ", E, " experts, got ", top_k);
-  TORCH_CHECK(router_logits.stride(1) == 1 || E == 1, op, ": router_logits' expert dimension must be contiguous");
-  TORCH_CHECK(T * top_k < (int64_t{1} << 31), op, ": T * top_k = ", T * top_k, " rows exceed the int32 indices");
-  const DType dt = dtype_tag(router_logits, op, "router_logits");
-  const c10::cuda::CUDAGuard guard(router_logits.device());
-  const auto i32 = router_logits.options().dtype(at::kInt);
-  at::Tensor weights = at::empty({T, top_k}, router_logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({T, top_k}, i32);
-  at::Tensor counts = at::empty({E}, i32);
-  at::Tensor offsets = at::empty({E + 1}, i32);
-  at::Tensor sorted_tokens = at::empty({T * top_k}, i32);
-  at::Tensor token_rows = at::empty({T, top_k}, i32);
-  const int64_t ws_ints = mixtral::moe_route_workspace_ints(T, static_cast<int>(E));
-  at::Tensor workspace = ws_ints > 0 ? at::empty({ws_ints}, i32) : at::Tensor();
-  mixtral::MoeRouteParams p{};
-  p.logits = router_logits.data_ptr();
-  p.topk_weights = weights.data_ptr<float>();
-  p.topk_ids = ids.data_ptr<int>();
-  p.expert_counts = counts.data_ptr<int>();
-  p.expert_offsets = offsets.data_ptr<int>();
-  p.sorted_tokens = sorted_tokens.data_ptr<int>();
-  p.token_rows = token_rows.data_ptr<int>();
-  p.workspace = ws_ints > 0 ? workspace.data_ptr<int>() : nullptr;
-  p.tokens = T;
-  p.logits_stride = router_logits.stride(0);
-  p.experts = static_cast<int>(E);
-  p.top_k = static_cast<int>(top_k);
-  p.dtype = dt;
-  CHECK_LAUNCH(op, mixtral::moe_route_launch(p, c10::cuda::getCurrentCUDAStream()));
-  return {weights, ids, counts, offsets, sorted_tokens, token_rows};
+  CudaBackend b;
+  return moe_route_impl(b, router_logits, top_k);
 }
 
-// x: [T, H] bf16/fp16; the routing tensors as moe_route returns them (topk_weights [T, k] f32, topk_ids and
-// token_rows [T, k] i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32); w13: [E, 2I, H] (rows 2i / 2i+1 =
-// gate / up of unit i); w2: [E, H, I]. The values of the routing tensors are the caller's contract (moe_route's
-// output): checking them would need a host sync. Returns y [T, H] in x's dtype.
 at::Tensor moe_experts_cuda(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                             const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
                             const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2) {
-  constexpr const char* op = "mixtral_ext::moe_experts";
-  CHECK_CUDA_TENSOR(op, x);
-  for (const at::Tensor* t : {&topk_weights, &topk_ids, &expert_offsets, &sorted_tokens, &token_rows, &w13, &w2})
-    TORCH_CHECK(t->device() == x.device(), op, ": every argument must be on x's device ", x.device(), ", got ",
-                t->device());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
-              ": x must be bfloat16 or float16 (float32 runs the reference through ops.py), got ", x.scalar_type());
-  CHECK_DIM(op, x, 2);
-  CHECK_DIM(op, w13, 3);
-  CHECK_DIM(op, w2, 3);
-  CHECK_DTYPE(op, w13, x.scalar_type());
-  CHECK_DTYPE(op, w2, x.scalar_type());
-  CHECK_CONTIGUOUS(op, x);
-  CHECK_CONTIGUOUS(op, w13);
-  CHECK_CONTIGUOUS(op, w2);
-  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == H, op, ": w13 must be [E, 2I, H] with H = ", H, ", got ",
-              w13.sizes());
-  TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
-              ", ", I, "], got ", w2.sizes());
-  TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
-  TORCH_CHECK(H > 0 && I > 0 && H % 8 == 0 && I % 8 == 0, op, ": H = ", H, " and I = ", I,
-              " must be positive multiples of 8 (16-byte vectors)");
-  CHECK_DIM(op, topk_weights, 2);
-  const int64_t k = topk_weights.size(1);
-  TORCH_CHECK(topk_weights.size(0) == T && k >= 1, op, ": topk_weights must be [T, k] = [", T, ", k >= 1], got ",
-              topk_weights.sizes());
-  CHECK_DTYPE(op, topk_weights, at::kFloat);
-  CHECK_DTYPE(op, topk_ids, at::kInt);
-  CHECK_DTYPE(op, expert_offsets, at::kInt);
-  CHECK_DTYPE(op, sorted_tokens, at::kInt);
-  CHECK_DTYPE(op, token_rows, at::kInt);
-  TORCH_CHECK(topk_ids.sizes() == topk_weights.sizes(), op, ": topk_ids must be [T, k] like topk_weights, got ",
-              topk_ids.sizes());
-  TORCH_CHECK(token_rows.sizes() == topk_weights.sizes(), op, ": token_rows must be [T, k] like topk_weights, got ",
-              token_rows.sizes());
-  TORCH_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) == E + 1, op, ": expert_offsets must be [E + 1] = [",
-              E + 1, "], got ", expert_offsets.sizes());
-  TORCH_CHECK(sorted_tokens.dim() == 1 && sorted_tokens.size(0) == T * k, op, ": sorted_tokens must be [T * k] = [",
-              T * k, "], got ", sorted_tokens.sizes());
-  CHECK_CONTIGUOUS(op, topk_weights);
-  CHECK_CONTIGUOUS(op, token_rows);
-  CHECK_CONTIGUOUS(op, expert_offsets);
-  CHECK_CONTIGUOUS(op, sorted_tokens);
-  const int64_t R = T * k;
-  // The GEMVs address activation rows with 32-bit vector offsets.
-  TORCH_CHECK(R * std::max(H, I) / 8 < (int64_t{1} << 32) && R < (int64_t{1} << 31), op, ": T * k = ", R,
-              " rows of ", std::max(H, I), " elements exceed the 32-bit row offsets");
-  TORCH_CHECK((reinterpret_cast<uintptr_t>(x.data_ptr()) | reinterpret_cast<uintptr_t>(w13.data_ptr()) |
-               reinterpret_cast<uintptr_t>(w2.data_ptr())) % 16 == 0,
-              op, ": x, w13 and w2 must be 16-byte aligned");
-  const DType dt = dtype_tag(x, op, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({T, H}, x.options());
-  if (T == 0) return y;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor inter = at::empty({R, I}, x.options());                         // [R, I] silu(gate) * up
-  at::Tensor out_rows = at::empty({R, H}, x.options().dtype(at::kFloat));    // [R, H] unweighted expert outputs
-  bool done = false;
-  if (T > mixtral::kMoeDecodeMaxTokens) {
-    const MoeDeviceAttrs attrs = moe_device_attrs(x.get_device());
-    mixtral::MoeGroupedGemmParams g{};
-    g.x = x.data_ptr();
-    g.sorted_tokens = sorted_tokens.data_ptr<int>();
-    g.expert_offsets = expert_offsets.data_ptr<int>();
-    g.w13 = w13.data_ptr();
-    g.w2 = w2.data_ptr();
-    g.inter = inter.data_ptr();
-    g.out_rows = out_rows.data_ptr<float>();
-    g.tokens = T;
-    g.top_k = static_cast<int>(k);
-    g.experts = static_cast<int>(E);
-    g.hidden = H;
-    g.inter_size = I;
-    g.sm_count = attrs.sm_count;
-    g.max_smem_per_block = attrs.max_smem_optin;
-    g.sm_major = attrs.sm_major;
-    g.dtype = dt;
-    const cudaError_t err = mixtral::moe_grouped_gemm_launch(g, stream);
-    // Not supported (shape, dtype, device, or not implemented yet): the decode kernels below handle any T.
-    if (err != cudaErrorNotSupported) {
-      CHECK_LAUNCH(op, err);
-      done = true;
-    }
-  }
-  if (!done) {
-    mixtral::MoeDecodeParams d{};
-    d.x = x.data_ptr();
-    d.sorted_tokens = sorted_tokens.data_ptr<int>();
-    d.expert_offsets = expert_offsets.data_ptr<int>();
-    d.w13 = w13.data_ptr();
-    d.w2 = w2.data_ptr();
-    d.inter = inter.data_ptr();
-    d.out_rows = out_rows.data_ptr<float>();
-    d.tokens = T;
-    d.hidden = H;
-    d.inter_size = I;
-    d.top_k = static_cast<int>(k);
-    d.experts = static_cast<int>(E);
-    d.dtype = dt;
-    CHECK_LAUNCH(op, mixtral::moe_decode_experts_launch(d, stream));
-  }
-  mixtral::MoeCombineParams c{};
-  c.out_rows = out_rows.data_ptr<float>();
-  c.topk_weights = topk_weights.data_ptr<float>();
-  c.token_rows = token_rows.data_ptr<int>();
-  c.y = y.data_ptr();
-  c.tokens = T;
-  c.hidden = H;
-  c.top_k = static_cast<int>(k);
-  c.dtype = dt;
-  CHECK_LAUNCH(op, mixtral::moe_combine_launch(c, stream));
-  return y;
+  CudaBackend b;
+  return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2);
 }
 
-// @@bindings (each op family adds its entry points above this line)
+// @@bindings (each op family adds its entry points above this line, its tensor -> params logic in op_impl.h)
 
 }  // namespace
 

@@ -63,3 +63,41 @@ def stats():
 
 def reset_stats():
     _ops().reset_stats()
+
+
+# ---- the ops: the signatures of mixtral_ext.ops, CPU tensors, plus the kernel path ---------------------------------
+# arch: 80 or 90, the architecture the launchers see (device attributes; attention_prefill's path).
+
+def rms_norm(x, weight, eps, residual=None, arch=80):
+    """Returns (normed, new_residual) like ops.rms_norm; residual (if given) is updated in place."""
+    out = _ops().rms_norm(x, weight, float(eps), residual, int(arch))
+    return out, (x if residual is None else residual)
+
+
+def rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache, arch=80):
+    return _ops().rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache, int(arch))
+
+
+def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_q, scale, window=0, arch=80):
+    """arch 80: the mma.sync kernel; 90: the wgmma kernel."""
+    return _ops().attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, int(max_seqlen_q), float(scale),
+                                    int(window or 0), int(arch))
+
+
+def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0, splits=0, arch=80):
+    """splits: forced split-KV count (0: the launcher's choice for the arch's SM count)."""
+    return _ops().attention_decode(q, k_cache, v_cache, seq_lens, float(scale), int(window or 0), int(splits),
+                                   int(arch))
+
+
+def moe_route(router_logits, top_k=2, path="auto", arch=80):
+    """path: 'single' (one launch) or 'multi' (count, scan, scatter) asserts which one the launcher ran; 'auto'."""
+    from .ops import Route
+
+    return Route(*_ops().moe_route(router_logits, int(top_k), str(path), int(arch)))
+
+
+def moe_experts(x, route, w13, w2, regime="decode", arch=80):
+    """regime: 'decode' (the GEMVs) or 'prefill' (the arch's grouped GEMM; an error if it declines the shape)."""
+    return _ops().moe_experts(x, route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens,
+                              route.token_rows, w13, w2, str(regime), int(arch))

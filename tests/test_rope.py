@@ -4,6 +4,7 @@ separately, in the reference's order), written exactly at (seq_ids, positions), 
 import pytest
 import torch
 
+from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
 
 
@@ -66,8 +67,6 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.mixtral_ext.rope_kv_append.default, args)
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
-
 def run_both(kernels, args):
     """(kernel q, k_cache, v_cache) and (reference q, k_cache, v_cache) from the same inputs, caches cloned."""
     qkv, positions, seq_ids, cos_sin, k_cache, v_cache = args
@@ -83,66 +82,77 @@ def assert_exact(ours, ref, what):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{what} {name}: {m}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("T,Hq,Hkv,D,B,S", [
+# ---- the kernel: on the GPU, and its source emulated on the CPU ---------------------------------------------------
+
+CASES = [  # T, Hq, Hkv, D, B, S
     (1, 32, 8, 128, 1, 1),        # one decode token into a one-slot cache
     (3, 32, 8, 128, 3, 4096),     # decode, batch 3
     (64, 32, 8, 128, 64, 100),    # decode, batch 64
     (1000, 32, 8, 128, 2, 600),   # prefill-sized
     (7, 4, 2, 16, 3, 9),          # tiny model config (D = 16: one 16-byte vector per half)
     (5, 3, 1, 6, 2, 7),           # D / 2 = 3: scalar path
-])
-def test_kernel_matches_reference_exactly(kernels, dtype, T, Hq, Hkv, D, B, S):
-    args = make_inputs(T, Hq, Hkv, D, B, S, dtype=dtype, device="cuda", seed=T + D)
-    ours, ref = run_both(kernels, args)
+]
+# The emulator runs every thread on the CPU: the same paths at fewer tokens.
+EMU_CASES = [(1, 32, 8, 128, 1, 1), (3, 32, 8, 128, 3, 300), (37, 32, 8, 128, 4, 20), (7, 4, 2, 16, 3, 9),
+             (5, 3, 1, 6, 2, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kern, case", backend_cases(CASES, EMU_CASES), indirect=["kern"])
+def test_kernel_matches_reference_exactly(kern, dtype, case):
+    T, Hq, Hkv, D, B, S = case
+    args = make_inputs(T, Hq, Hkv, D, B, S, dtype=dtype, device=kern.device, seed=T + D)
+    ours, ref = run_both(kern, args)
     assert_exact(ours, ref, f"rope_kv_append {dtype} T={T} D={D}")
 
 
-@pytest.mark.cuda
-def test_kernel_unaligned_scalar_path(kernels):
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_kernel_unaligned_scalar_path(kern):
     """qkv at an odd element offset (contiguous, not 16-byte aligned) takes the scalar path; same results."""
     T, Hq, Hkv, D = 9, 32, 8, 128
-    args = list(make_inputs(T, Hq, Hkv, D, 2, 20, dtype=torch.bfloat16, device="cuda", seed=3))
-    buf = torch.empty(args[0].numel() + 1, dtype=torch.bfloat16, device="cuda")
+    args = list(make_inputs(T, Hq, Hkv, D, 2, 20, dtype=torch.bfloat16, device=kern.device, seed=3))
+    buf = torch.empty(args[0].numel() + 1, dtype=torch.bfloat16, device=kern.device)
     args[0] = buf[1:].view(T, -1).copy_(args[0])
     assert args[0].is_contiguous() and args[0].data_ptr() % 16 != 0
-    ours, ref = run_both(kernels, args)
+    ours, ref = run_both(kern, args)
     assert_exact(ours, ref, "rope_kv_append unaligned")
 
 
-@pytest.mark.cuda
-def test_kernel_table_longer_than_cache_and_shared_positions(kernels):
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_kernel_table_longer_than_cache_and_shared_positions(kern):
     """P > S, several sequences at the same position (the decode step), positions near the end of the table."""
     T, Hq, Hkv, D, B, S = 16, 32, 8, 128, 16, 64
-    qkv, _, _, _, k_cache, v_cache = make_inputs(T, Hq, Hkv, D, B, S, dtype=torch.bfloat16, device="cuda")
-    positions = torch.full((T,), S - 1, dtype=torch.int32, device="cuda")
+    dev = kern.device
+    qkv, _, _, _, k_cache, v_cache = make_inputs(T, Hq, Hkv, D, B, S, dtype=torch.bfloat16, device=dev)
+    positions = torch.full((T,), S - 1, dtype=torch.int32, device=dev)
     positions[::3] = 5
-    seq_ids = torch.arange(T, dtype=torch.int32, device="cuda").flip(0)
-    cos_sin = reference.rope_cos_sin(32768, D, 1e6, device="cuda")
-    ours, ref = run_both(kernels, (qkv, positions, seq_ids, cos_sin, k_cache, v_cache))
+    seq_ids = torch.arange(T, dtype=torch.int32, device=dev).flip(0)
+    cos_sin = reference.rope_cos_sin(32768, D, 1e6, device=dev)
+    ours, ref = run_both(kern, (qkv, positions, seq_ids, cos_sin, k_cache, v_cache))
     assert_exact(ours, ref, "rope_kv_append shared positions")
 
 
-@pytest.mark.cuda
-def test_kernel_skips_out_of_range_tokens(kernels):
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_kernel_skips_out_of_range_tokens(kern):
     """Tokens whose position is outside [0, min(P, S)) or whose sequence is outside [0, B) write nothing to the
     caches and get a zero q row; the other tokens are unaffected."""
     T, Hq, Hkv, D, B, S = 8, 32, 8, 128, 3, 50
+    dev = kern.device
     qkv, positions, seq_ids, cos_sin, k_cache, v_cache = make_inputs(T, Hq, Hkv, D, B, S, dtype=torch.bfloat16,
-                                                                     device="cuda", P=40)
-    bad = torch.tensor([1, 3, 4, 6], device="cuda")
+                                                                     device=dev, P=40)
+    bad = torch.tensor([1, 3, 4, 6], device=dev)
     positions, seq_ids = positions.clone(), seq_ids.clone()
-    positions[bad[:2]] = torch.tensor([-1, 45], dtype=torch.int32, device="cuda")  # 45: inside S, past P
-    seq_ids[bad[2:]] = torch.tensor([3, -2], dtype=torch.int32, device="cuda")
-    good = torch.tensor([0, 2, 5, 7], device="cuda")
-    positions[good] = torch.tensor([0, 39, 10, 11], dtype=torch.int32, device="cuda")
-    seq_ids[good] = torch.tensor([0, 2, 1, 1], dtype=torch.int32, device="cuda")
+    positions[bad[:2]] = torch.tensor([-1, 45], dtype=torch.int32, device=dev)  # 45: inside S, past P
+    seq_ids[bad[2:]] = torch.tensor([3, -2], dtype=torch.int32, device=dev)
+    good = torch.tensor([0, 2, 5, 7], device=dev)
+    positions[good] = torch.tensor([0, 39, 10, 11], dtype=torch.int32, device=dev)
+    seq_ids[good] = torch.tensor([0, 2, 1, 1], dtype=torch.int32, device=dev)
     kc, vc = k_cache.clone(), v_cache.clone()
-    q = kernels.rope_kv_append(qkv, positions, seq_ids, cos_sin, kc, vc)
+    q = kern.rope_kv_append(qkv, positions, seq_ids, cos_sin, kc, vc)
     rk, rv = k_cache.clone(), v_cache.clone()
     q_ref = reference.rope_kv_append(qkv[good], positions[good], seq_ids[good], cos_sin, rk, rv)
-    torch.cuda.synchronize()
+    if kern.name == "cuda":
+        torch.cuda.synchronize()
     assert torch.equal(kc, rk) and torch.equal(vc, rv), "caches differ: an out-of-range token was written"
     assert torch.equal(q[good], q_ref)
     assert torch.count_nonzero(q[bad]) == 0

@@ -20,6 +20,8 @@
 #error "csrc/emu/cuda_emu.h is the emulation build's CUDA stand-in: compile with -DMIXTRAL_EMU"
 #endif
 
+// MIXTRAL_EMU_HOST_ONLY (the binding, csrc/emu/emu_ops.cpp, which also includes torch): only the CUDA runtime and
+// driver stand-ins the launchers' headers name (cudaError_t, cudaStream_t, ...), none of the device-side macros.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +29,122 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+
+// ---- CUDA runtime stand-ins (what the launchers call) -----------------------------------------------------------
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719,
+  cudaErrorNotSupported = 801,
+  cudaErrorUnknown = 999,
+};
+using cudaError = cudaError_t;
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrWarpSize = 10,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;
+  size_t constSizeBytes = 0;
+  size_t localSizeBytes = 0;
+  int maxThreadsPerBlock = 1024;
+  int numRegs = 0;
+  int ptxVersion = 0;
+  int binaryVersion = 0;
+  int cacheModeCA = 0;
+  int maxDynamicSharedSizeBytes = 0;
+  int preferredShmemCarveout = -1;
+};
+enum cudaDriverEntryPointQueryResult : int {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2,
+};
+enum : unsigned long long { cudaEnableDefault = 0 };
+
+namespace emu {
+cudaError_t get_last_error(bool clear);
+const char* error_string(cudaError_t e);
+cudaError_t func_set_attribute(const void* f, int attr, int value);
+cudaError_t func_get_attributes(cudaFuncAttributes* a, const void* f);
+cudaError_t device_get_attribute(int* v, int attr, int device);
+cudaError_t occupancy(int* n, const void* f, int threads, size_t smem);
+cudaError_t get_driver_entry_point(const char* symbol, void** fn);
+}  // namespace emu
+inline cudaError_t cudaGetLastError() { return ::emu::get_last_error(true); }
+inline cudaError_t cudaPeekAtLastError() { return ::emu::get_last_error(false); }
+inline const char* cudaGetErrorString(cudaError_t e) { return ::emu::error_string(e); }
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  return ::emu::func_set_attribute(reinterpret_cast<const void*>(f), attr, value);
+}
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
+  return ::emu::func_get_attributes(a, reinterpret_cast<const void*>(f));
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
+  return ::emu::device_get_attribute(v, attr, device);
+}
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+template <class F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int threads, size_t smem) {
+  return ::emu::occupancy(n, reinterpret_cast<const void*>(f), threads, smem);
+}
+inline cudaError_t cudaGetDriverEntryPoint(const char* symbol, void** fn, unsigned long long,
+                                           cudaDriverEntryPointQueryResult* q = nullptr) {
+  const cudaError_t e = ::emu::get_driver_entry_point(symbol, fn);
+  if (q) *q = e == cudaSuccess ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return e;
+}
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned, unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* q = nullptr) {
+  return cudaGetDriverEntryPoint(symbol, fn, 0, q);
+}
+
+// ---- driver types of the TMA tensor-map encoding (cuda.h; the values are cuda.h's) --------------------------------
+using cuuint32_t = uint32_t;
+using cuuint64_t = uint64_t;
+enum CUresult : int { CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1, CUDA_ERROR_NOT_SUPPORTED = 801 };
+struct alignas(64) CUtensorMap {
+  unsigned long long opaque[16];
+};
+enum CUtensorMapDataType : int {
+  CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0, CU_TENSOR_MAP_DATA_TYPE_UINT16, CU_TENSOR_MAP_DATA_TYPE_UINT32,
+  CU_TENSOR_MAP_DATA_TYPE_INT32, CU_TENSOR_MAP_DATA_TYPE_UINT64, CU_TENSOR_MAP_DATA_TYPE_INT64,
+  CU_TENSOR_MAP_DATA_TYPE_FLOAT16, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_DATA_TYPE_FLOAT64,
+  CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, CU_TENSOR_MAP_DATA_TYPE_FLOAT32_FTZ, CU_TENSOR_MAP_DATA_TYPE_TFLOAT32,
+  CU_TENSOR_MAP_DATA_TYPE_TFLOAT32_FTZ
+};
+enum CUtensorMapInterleave : int {
+  CU_TENSOR_MAP_INTERLEAVE_NONE = 0, CU_TENSOR_MAP_INTERLEAVE_16B, CU_TENSOR_MAP_INTERLEAVE_32B
+};
+enum CUtensorMapSwizzle : int {
+  CU_TENSOR_MAP_SWIZZLE_NONE = 0, CU_TENSOR_MAP_SWIZZLE_32B, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_SWIZZLE_128B
+};
+enum CUtensorMapL2promotion : int {
+  CU_TENSOR_MAP_L2_PROMOTION_NONE = 0, CU_TENSOR_MAP_L2_PROMOTION_L2_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+  CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+};
+enum CUtensorMapFloatOOBfill : int {
+  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0, CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA
+};
+
+#ifndef MIXTRAL_EMU_HOST_ONLY  // the torch binding includes the kernels' headers with only the part above
 
 // ---- keywords ---------------------------------------------------------------------------------------------------
 #define __global__
@@ -37,6 +155,8 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 #define __constant__ const
+#define __grid_constant__
+#define CUDART_VERSION 13000
 
 // ---- vector and index types -------------------------------------------------------------------------------------
 struct uint3 { unsigned x, y, z; };
@@ -169,6 +289,14 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, void* 
 
 template <class T> using mx_type = T;
 }  // namespace emu
+
+// The kernels' one launch helper (device.cuh documents it; its CUDA definition is `kernel<<<...>>>(args...)`).
+namespace mixtral {
+template <class... KArgs, class... Args>
+inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, void* stream, Args&&... args) {
+  ::emu::launch(kernel, grid, block, smem_bytes, stream, std::forward<Args>(args)...);
+}
+}  // namespace mixtral
 
 // ---- shared memory ----------------------------------------------------------------------------------------------
 // The static local key is unique per declaration and per template instantiation: all threads of a CTA get the same
@@ -304,6 +432,18 @@ using std::fabs;
 using std::fmax;
 using std::fmin;
 using std::sqrt;
+// CUDA's integer and float min / max overloads (math_functions.hpp), as one template over the usual arithmetic
+// conversions of the two arguments.
+template <class A, class B, std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>, int> = 0>
+inline std::common_type_t<A, B> min(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+}
+template <class A, class B, std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>, int> = 0>
+inline std::common_type_t<A, B> max(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+}
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fminf(float a, float b) { return std::fmin(a, b); }
 inline float fabsf(float a) { return std::fabs(a); }
@@ -409,88 +549,4 @@ inline float2 __half22float2(__half2 v) { return {__half2float(v.x), __half2floa
 inline __half __ushort_as_half(unsigned short u) { __half r; r.__x = u; return r; }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 
-// ---- CUDA runtime stand-ins (what the launchers call) -----------------------------------------------------------
-enum cudaError_t : int {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDeviceFunction = 98,
-  cudaErrorMisalignedAddress = 716,
-  cudaErrorLaunchFailure = 719,
-  cudaErrorNotSupported = 801,
-  cudaErrorUnknown = 999,
-};
-using cudaError = cudaError_t;
-struct CUstream_st;
-using cudaStream_t = CUstream_st*;
-enum cudaFuncAttribute : int {
-  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
-  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
-};
-enum cudaDeviceAttr : int {
-  cudaDevAttrMaxThreadsPerBlock = 1,
-  cudaDevAttrMaxSharedMemoryPerBlock = 8,
-  cudaDevAttrWarpSize = 10,
-  cudaDevAttrMultiProcessorCount = 16,
-  cudaDevAttrComputeCapabilityMajor = 75,
-  cudaDevAttrComputeCapabilityMinor = 76,
-  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
-};
-struct cudaFuncAttributes {
-  size_t sharedSizeBytes = 0;
-  size_t constSizeBytes = 0;
-  size_t localSizeBytes = 0;
-  int maxThreadsPerBlock = 1024;
-  int numRegs = 0;
-  int ptxVersion = 0;
-  int binaryVersion = 0;
-  int cacheModeCA = 0;
-  int maxDynamicSharedSizeBytes = 0;
-  int preferredShmemCarveout = -1;
-};
-enum cudaDriverEntryPointQueryResult : int {
-  cudaDriverEntryPointSuccess = 0,
-  cudaDriverEntryPointSymbolNotFound = 1,
-  cudaDriverEntryPointVersionNotSufficent = 2,
-};
-enum : unsigned long long { cudaEnableDefault = 0 };
-
-namespace emu {
-cudaError_t get_last_error(bool clear);
-const char* error_string(cudaError_t e);
-cudaError_t func_set_attribute(const void* f, int attr, int value);
-cudaError_t func_get_attributes(cudaFuncAttributes* a, const void* f);
-cudaError_t device_get_attribute(int* v, int attr, int device);
-cudaError_t occupancy(int* n, const void* f, int threads, size_t smem);
-cudaError_t get_driver_entry_point(const char* symbol, void** fn);
-}  // namespace emu
-inline cudaError_t cudaGetLastError() { return ::emu::get_last_error(true); }
-inline cudaError_t cudaPeekAtLastError() { return ::emu::get_last_error(false); }
-inline const char* cudaGetErrorString(cudaError_t e) { return ::emu::error_string(e); }
-template <class F>
-inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
-  return ::emu::func_set_attribute(reinterpret_cast<const void*>(f), attr, value);
-}
-template <class F>
-inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
-  return ::emu::func_get_attributes(a, reinterpret_cast<const void*>(f));
-}
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
-  return ::emu::device_get_attribute(v, attr, device);
-}
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-template <class F>
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int threads, size_t smem) {
-  return ::emu::occupancy(n, reinterpret_cast<const void*>(f), threads, smem);
-}
-inline cudaError_t cudaGetDriverEntryPoint(const char* symbol, void** fn, unsigned long long,
-                                           cudaDriverEntryPointQueryResult* q = nullptr) {
-  const cudaError_t e = ::emu::get_driver_entry_point(symbol, fn);
-  if (q) *q = e == cudaSuccess ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
-  return e;
-}
-inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned, unsigned long long,
-                                                    cudaDriverEntryPointQueryResult* q = nullptr) {
-  return cudaGetDriverEntryPoint(symbol, fn, 0, q);
-}
+#endif  // MIXTRAL_EMU_HOST_ONLY

@@ -18,8 +18,9 @@ int arch();
 void set_num_regs(int regs);
 
 // A buffer of `bytes` in the emulation region, named for reports. fill_nan: 0xFF bytes (NaN as float/bf16/fp16) so
-// output elements a kernel fails to write are visible; otherwise zero.
-void* buffer_alloc(size_t bytes, const std::string& name, bool fill_nan);
+// output elements a kernel fails to write are visible; otherwise zero. The address is `misalign` modulo 256 (a copy
+// keeps its original's alignment, which launchers test to pick vector paths).
+void* buffer_alloc(size_t bytes, const std::string& name, bool fill_nan, size_t misalign = 0);
 // Frees every buffer (the start of each op).
 void region_reset();
 
@@ -32,6 +33,7 @@ void clear_error();
 // "bytes_read", "bytes_written", "buffers": {name: [read, written]}}, ...].
 std::string stats_json();
 void reset_stats();
+size_t launch_count();  // launches recorded since reset_stats()
 
 // The runtime's own known-answer kernels (csrc/emu/selftest.cu): runs `name` on the given buffers; false if unknown.
 bool run_selftest(const std::string& name, void* const* bufs, int nbufs, int64_t arg);

@@ -675,7 +675,8 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
       exited.push_back(f->tid);
       continue;
     }
-    std::string d = std::string("wait at ") + (f->wait_what ? f->wait_what : "?") + " " + describe_site(f->wait_site);  // e.g. __syncthreads csrc/...:12
+    // e.g. "wait at __syncthreads csrc/kernels/rms_norm.cu:48"
+    std::string d = std::string("wait at ") + (f->wait_what ? f->wait_what : "?") + " " + describe_site(f->wait_site);
     if (f->wait == Wait::kWarp) d += " (mask " + hex32(f->wait_mask) + ")";
     groups[d].push_back(f->tid);
   }
@@ -1178,15 +1179,15 @@ void set_arch(int a) {
 int arch() { return g_arch; }
 void set_num_regs(int r) { g_num_regs = r; }
 
-void* buffer_alloc(size_t bytes, const std::string& name, bool fill_nan) {
+void* buffer_alloc(size_t bytes, const std::string& name, bool fill_nan, size_t misalign) {
   if (!g_region) {
     void* m = mmap(nullptr, g_region_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) throw std::runtime_error("emu: cannot reserve the emulation region");
     g_region = static_cast<char*>(m);
   }
   constexpr size_t kAlign = 256, kRedzone = 4096;
-  const size_t start = (g_region_used + kAlign - 1) & ~(kAlign - 1);
-  const size_t end = start + std::max<size_t>(bytes, 1) + kRedzone;
+  const size_t start = ((g_region_used + kRedzone + kAlign - 1) & ~(kAlign - 1)) + misalign % kAlign;
+  const size_t end = start + std::max<size_t>(bytes, 1);
   if (end > g_region_size) throw std::runtime_error("emu: the emulation region is full");
   if (end > g_region_committed) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -1246,6 +1247,7 @@ std::string stats_json() {
 }
 
 void reset_stats() { g_stats.clear(); }
+size_t launch_count() { return g_stats.size(); }
 
 }  // namespace emu
 
