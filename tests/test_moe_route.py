@@ -3,6 +3,7 @@ kernel against the reference (GPU): ids, counts, offsets and permutations exact,
 import pytest
 import torch
 
+from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
 
 OUT_NAMES = ["topk_weights", "topk_ids", "expert_counts", "expert_offsets", "sorted_tokens", "token_rows"]
@@ -128,16 +129,22 @@ def test_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mixtral_ext::moe_route", "CompositeExplicitAutograd")
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
+# ---- the kernel: on the GPU, and its source emulated on the CPU ---------------------------------------------------
 
 GPU_T = [1, 2, 3, 8, 63, 64, 65, 257, 1024, 2000, 4096, 4097, 16384]  # 2000: one block, a partial second tile
+# The emulator states the launch path it expects: one block up to 4096 tokens, count / scan / scatter above.
+EMU_T = [(1, "single"), (3, "single"), (65, "single"), (257, "single"), (2000, "single"), (4097, "multi")]
+
+
+def _path(T):
+    return "single" if T <= 4096 else "multi"
 
 
 def assert_matches_reference(out, logits, k, what):
     ref = reference.moe_route(logits.cpu(), k)
     T, E = logits.shape
     for name, a, b in zip(OUT_NAMES, out, ref):
-        assert a.is_cuda, f"{what}: {name} not on the GPU"
+        assert a.device == logits.device, f"{what}: {name} on {a.device}, the logits on {logits.device}"
         if name == "topk_weights":
             assert not torch.isnan(a).any(), f"{what}: NaN weights"
             torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
@@ -147,57 +154,60 @@ def assert_matches_reference(out, logits, k, what):
     check_invariants(out, T, E, k)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (16, 1), (16, 2)])
-@pytest.mark.parametrize("T", GPU_T)
-def test_kernel_matches_reference(kernels, T, E, k, dtype):
+@pytest.mark.parametrize("kern, case", backend_cases([(T, "auto") for T in GPU_T], EMU_T), indirect=["kern"])
+def test_kernel_matches_reference(kern, case, E, k, dtype):
+    T, path = case
     torch.manual_seed(T * 31 + E * 3 + k)
-    logits = (torch.randn(T, E, device="cuda") * 2).to(dtype)
-    out = kernels.moe_route(logits, k)
+    logits = (torch.randn(T, E, device=kern.device) * 2).to(dtype)
+    out = kern.moe_route(logits, k, path=path)
     assert_matches_reference(out, logits, k, f"T={T} E={E} k={k} {dtype}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T,E,k,dtype", [(1, 64, 4, torch.float16), (300, 64, 4, torch.bfloat16),
-                                         (5000, 64, 3, torch.float32), (4096, 2, 2, torch.float16),
-                                         (70, 5, 3, torch.float32), (10, 1, 1, torch.float32),
-                                         (9000, 33, 4, torch.bfloat16)])
-def test_kernel_generic_sizes(kernels, T, E, k, dtype):
+GENERIC = [(1, 64, 4, torch.float16), (300, 64, 4, torch.bfloat16), (5000, 64, 3, torch.float32),
+           (4096, 2, 2, torch.float16), (70, 5, 3, torch.float32), (10, 1, 1, torch.float32),
+           (9000, 33, 4, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kern, case", backend_cases(GENERIC, [c for c in GENERIC if c[0] < 9000]), indirect=["kern"])
+def test_kernel_generic_sizes(kern, case):
+    T, E, k, dtype = case
     torch.manual_seed(T + E + k)
-    logits = (torch.randn(T, E, device="cuda") * 3).to(dtype)
-    assert_matches_reference(kernels.moe_route(logits, k), logits, k, f"T={T} E={E} k={k} {dtype}")
+    logits = (torch.randn(T, E, device=kern.device) * 3).to(dtype)
+    out = kern.moe_route(logits, k, path=_path(T))
+    assert_matches_reference(out, logits, k, f"T={T} E={E} k={k} {dtype}")
 
 
-def adversarial_logits(kind, T, E, dtype):
-    g = torch.Generator(device="cuda").manual_seed(T + E)
+def adversarial_logits(kind, T, E, dtype, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(T + E)
     if kind == "ties":  # few distinct values: ties everywhere, exact in every dtype
-        x = torch.randint(-2, 3, (T, E), device="cuda", generator=g).float()
+        x = torch.randint(-2, 3, (T, E), device=device, generator=g).float()
     elif kind == "outliers":  # +-30 outliers (finite): weights underflow towards 0 but never NaN
-        x = torch.randn(T, E, device="cuda", generator=g)
-        mask = torch.rand(T, E, device="cuda", generator=g)
+        x = torch.randn(T, E, device=device, generator=g)
+        mask = torch.rand(T, E, device=device, generator=g)
         x = torch.where(mask < 0.1, torch.full_like(x, 30.0), torch.where(mask > 0.9, torch.full_like(x, -30.0), x))
     elif kind == "all_same_two":  # every token on experts 2 and 5
-        x = torch.randn(T, E, device="cuda", generator=g)
+        x = torch.randn(T, E, device=device, generator=g)
         x[:, 2] += 30
         x[:, 5] += 25
     elif kind == "empty_expert":  # nobody picks expert 0 or the last expert
-        x = torch.randn(T, E, device="cuda", generator=g)
+        x = torch.randn(T, E, device=device, generator=g)
         x[:, 0] = -30
         x[:, E - 1] = -30
     elif kind == "all_equal":
-        x = torch.full((T, E), 1.5, device="cuda")
+        x = torch.full((T, E), 1.5, device=device)
     return x.to(dtype)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["ties", "outliers", "all_same_two", "empty_expert", "all_equal"])
-@pytest.mark.parametrize("T", [1, 3, 64, 257, 4096, 16384])
+@pytest.mark.parametrize("kern, T", backend_cases([1, 3, 64, 257, 4096, 16384], [1, 3, 257, 4097]),
+                         indirect=["kern"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("E,k", [(8, 2), (16, 1)])
-def test_kernel_adversarial(kernels, kind, T, dtype, E, k):
-    logits = adversarial_logits(kind, T, E, dtype)
-    out = kernels.moe_route(logits, k)
+def test_kernel_adversarial(kern, kind, T, dtype, E, k):
+    logits = adversarial_logits(kind, T, E, dtype, device=kern.device)
+    out = kern.moe_route(logits, k, path=_path(T))
     assert_matches_reference(out, logits, k, f"{kind} T={T} E={E} k={k} {dtype}")
     if kind == "all_same_two" and k == 2:
         counts = out[2].cpu()
@@ -206,24 +216,23 @@ def test_kernel_adversarial(kernels, kind, T, dtype, E, k):
         assert out[2][0].item() == 0 and out[2][E - 1].item() == 0
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T", [5, 300, 5000])
+@pytest.mark.parametrize("kern, T", backend_cases([5, 300, 5000], [5, 300, 5000]), indirect=["kern"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_nonfinite_logits(kernels, T, k, dtype):
+def test_kernel_nonfinite_logits(kern, T, k, dtype):
     """NaN / +inf / -inf logits: ids and permutation exactly the reference's (NaN ranks first), weights equal with
     the same NaN pattern (NaN or +inf in a row makes its softmax NaN; -inf gets weight 0)."""
     E = 8
-    g = torch.Generator(device="cuda").manual_seed(T * 10 + k)
-    x = torch.randn(T, E, device="cuda", generator=g)
-    pick = torch.rand(T, E, device="cuda", generator=g)
+    g = torch.Generator(device=kern.device).manual_seed(T * 10 + k)
+    x = torch.randn(T, E, device=kern.device, generator=g)
+    pick = torch.rand(T, E, device=kern.device, generator=g)
     x = torch.where(pick < 0.06, torch.full_like(x, float("nan")), x)
     x = torch.where(pick > 0.97, torch.full_like(x, float("inf")), x)
     x = torch.where((pick > 0.93) & (pick <= 0.97), torch.full_like(x, float("-inf")), x)
     x[0] = torch.tensor([1.0, 0.5, float("nan"), 3.0, 2.0, float("nan"), -1.0, 4.0])  # NaN below larger numbers
-    x[1] = torch.arange(E, device="cuda").float()  # a finite row for certain
+    x[1] = torch.arange(E, device=kern.device).float()  # a finite row for certain
     logits = x.to(dtype)
-    out = kernels.moe_route(logits, k)
+    out = kern.moe_route(logits, k, path=_path(T))
     ref = reference.moe_route(logits.cpu(), k)
     assert torch.isnan(ref[0]).any() and not torch.isnan(ref[0]).all(), "the input must mix NaN and finite rows"
     torch.testing.assert_close(out[0].cpu(), ref[0], rtol=0, atol=1e-6, equal_nan=True)
@@ -231,16 +240,16 @@ def test_kernel_nonfinite_logits(kernels, T, k, dtype):
         assert torch.equal(a.cpu(), b), f"T={T} k={k} {dtype}: {name} differs from the reference"
 
 
-@pytest.mark.cuda
-def test_kernel_strided_logits(kernels):
-    base = torch.randn(100, 8 + 5, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_kernel_strided_logits(kern):
+    base = torch.randn(100, 8 + 5, device=kern.device, dtype=torch.bfloat16)
     logits = base[:, 2:10]  # rows 13 elements apart
-    assert_matches_reference(kernels.moe_route(logits, 2), logits.contiguous(), 2, "strided")
+    assert_matches_reference(kern.moe_route(logits, 2), logits.contiguous(), 2, "strided")
 
 
-@pytest.mark.cuda
-def test_kernel_empty(kernels):
-    out = kernels.moe_route(torch.empty(0, 8, device="cuda"), 2)
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_kernel_empty(kern):
+    out = kern.moe_route(torch.empty(0, 8, device=kern.device), 2)
     assert out[2].tolist() == [0] * 8 and out[3].tolist() == [0] * 9 and out[4].numel() == 0
 
 
