@@ -208,3 +208,14 @@ def test_counters_record_global_bytes_per_buffer():
     assert re.search(r"shfl_kernel", s["kernel"]) and s["grid"] == [1, 1, 1] and s["block"] == [64, 1, 1]
     assert s["buffers"] == {"buf0": [256, 0], "buf1": [0, 4], "buf2": [0, 256], "buf3": [0, 256], "buf4": [0, 256]}
     assert s["bytes_read"] == 256 and s["bytes_written"] == 4 + 3 * 256
+
+
+def test_faults_and_spins_are_reports_not_crashes_or_hangs():
+    msg = _report("crash", [torch.zeros(32)], 0)
+    assert "segmentation fault at address 0x40" in msg and "neither shared memory nor a buffer" in msg, msg
+    assert "stack overflowed" in _report("crash", [torch.zeros(32)], 1)
+    msg = _report("crash", [torch.zeros(32)], 2)
+    assert "without reaching a synchronisation point" in msg and "selftest.cu:" in msg, msg
+    out = torch.zeros(64)
+    emu.selftest("race", [out], 0)  # the runtime is still usable afterwards
+    assert torch.equal(out, ((torch.arange(64) + 1) % 64).float())

@@ -24,6 +24,9 @@
 #include "cuda_emu.h"
 
 #include <dlfcn.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <ucontext.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -39,9 +42,6 @@
 #include <unordered_map>
 #include <vector>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
 
 namespace emu {
 
@@ -581,8 +581,15 @@ void global_access(const char* p, size_t n, bool is_write, uint64_t site) {
 }
 
 // Every checked access (instrumented or primitive) of the current fiber.
+// Threads are cooperative: one that waits for memory another thread writes, without a synchronisation point, would
+// spin forever. A fiber that makes this many memory accesses without yielding is reported instead.
+constexpr uint64_t kSpinAccessLimit = uint64_t{1} << 26;
+uint64_t g_accesses_since_yield = 0;
+[[noreturn]] void spin_report(uint64_t site);
+
 inline void on_access(const void* p, size_t n, bool is_write, uint64_t site, bool atomic = false) {
   if (!g_cur) return;  // host code of the launchers
+  if (++g_accesses_since_yield > kSpinAccessLimit) spin_report(site);
   if (in_arena(p)) {
     const uint32_t off = static_cast<uint32_t>(static_cast<const char*>(p) - g_arena);
     check_shared_range(off, n, is_write, site);
@@ -590,6 +597,12 @@ inline void on_access(const void* p, size_t n, bool is_write, uint64_t site, boo
   } else if (in_region(p)) {
     global_access(static_cast<const char*>(p), n, is_write, site);
   }
+}
+
+void spin_report(uint64_t site) {
+  report("thread made " + std::to_string(kSpinAccessLimit) + " memory accesses without reaching a synchronisation "
+         "point (last at " + describe_site(site) + "): a spin-wait on memory that another thread writes? The emulator "
+         "runs threads cooperatively, switching only at barriers, warp collectives and async waits");
 }
 
 // ---- warp collectives -------------------------------------------------------------------------------------------
@@ -623,7 +636,7 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
   auto& open = g_open[warp];
   WarpColl* c = nullptr;
   for (WarpColl* o : open)
-    if (o->mask == mask && o->what == what && !((o->arrived >> lane) & 1u)) {
+    if (o->mask == mask && std::strcmp(o->what, what) == 0 && !((o->arrived >> lane) & 1u)) {
       c = o;
       break;
     }
@@ -692,6 +705,69 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
   throw std::runtime_error(g_error);
 }
 
+// ---- faults -------------------------------------------------------------------------------------------------------
+// A segmentation fault or bus error in kernel code (a wild pointer outside the emulation region, a fiber stack
+// overflow into its guard page) becomes a report: the handler, on its own stack, jumps back to the scheduler, which
+// abandons the CTA. Installed for the duration of a launch only.
+sigjmp_buf g_fault_jmp;
+volatile uintptr_t g_fault_addr = 0, g_fault_pc = 0;
+volatile int g_fault_sig = 0;
+struct sigaction g_old_segv, g_old_bus;
+std::vector<char> g_alt_stack;
+
+void fault_handler(int sig, siginfo_t* info, void* uctx) {
+  g_fault_sig = sig;
+  g_fault_addr = reinterpret_cast<uintptr_t>(info->si_addr);
+#if defined(__x86_64__)
+  g_fault_pc = static_cast<uintptr_t>(static_cast<ucontext_t*>(uctx)->uc_mcontext.gregs[REG_RIP]);
+#else
+  (void)uctx;
+  g_fault_pc = 0;
+#endif
+  if (!g_cur) {  // not in kernel code: the runtime's own bug, let the default action happen
+    sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
+    return;
+  }
+  siglongjmp(g_fault_jmp, 1);
+}
+
+void install_fault_handlers() {
+  if (g_alt_stack.empty()) {
+    g_alt_stack.resize(256 * 1024);
+    stack_t ss{};
+    ss.ss_sp = g_alt_stack.data();
+    ss.ss_size = g_alt_stack.size();
+    sigaltstack(&ss, nullptr);
+  }
+  struct sigaction sa{};
+  sa.sa_sigaction = fault_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_old_segv);
+  sigaction(SIGBUS, &sa, &g_old_bus);
+}
+
+void remove_fault_handlers() {
+  sigaction(SIGSEGV, &g_old_segv, nullptr);
+  sigaction(SIGBUS, &g_old_bus, nullptr);
+}
+
+void fault_report() {
+  Fiber* f = g_cur;
+  const uintptr_t a = g_fault_addr;
+  std::string what = (g_fault_sig == SIGBUS ? "bus error" : "segmentation fault") + std::string(" at address 0x");
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%lx", static_cast<unsigned long>(a));
+  what += buf;
+  if (a >= reinterpret_cast<uintptr_t>(f->stack) - 65536 && a < reinterpret_cast<uintptr_t>(f->stack))
+    what += " (the thread's stack overflowed its " + std::to_string(kStackBytes / 1024) + " KiB)";
+  else if (!in_arena(reinterpret_cast<void*>(a)) && !in_region(reinterpret_cast<void*>(a)))
+    what += " (neither shared memory nor a buffer of the launch)";
+  if (g_fault_pc) what += " in " + symbolize(g_fault_pc);
+  if (g_error.empty()) g_error = where() + what;
+  g_abort = true;
+}
+
 // ---- CTA execution ----------------------------------------------------------------------------------------------
 void run_cta(uint3 bid) {
   g_blockIdx = bid;
@@ -725,11 +801,13 @@ void run_cta(uint3 bid) {
     fiber_init(f);
     g_ready.push_back(t);
   }
+  if (sigsetjmp(g_fault_jmp, 1) != 0) fault_report();  // a fault in kernel code (fault_handler) lands here
   while (!g_ready.empty() && !g_abort) {
     Fiber* f = g_fibers[g_ready.front()].get();
     g_ready.pop_front();
     g_cur = f;
     g_threadIdx = f->idx;
+    g_accesses_since_yield = 0;
     switch_into(f);
     g_cur = nullptr;
   }
@@ -1082,6 +1160,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   g_open.assign((g_nthreads + 31) / 32, {});
   g_abort = false;
   g_in_launch = true;
+  install_fault_handlers();
   try {
     for (unsigned z = 0; z < grid.z && !g_abort; ++z)
       for (unsigned y = 0; y < grid.y && !g_abort; ++y)
@@ -1089,6 +1168,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   } catch (const std::runtime_error&) {
     // deadlock(): g_error holds the report
   }
+  remove_fault_handlers();
   g_in_launch = false;
   g_cur = nullptr;
   for (auto& o : g_open) {

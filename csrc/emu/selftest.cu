@@ -172,6 +172,28 @@ __global__ void fresh_smem_kernel(float* out) {
   }
 }
 
+// arg 0: a store through a wild pointer (outside every buffer and shared memory); 1: unbounded recursion (the
+// thread's stack overflows); 2: a spin-wait on a shared flag that another thread sets (never, cooperatively).
+__attribute__((noinline)) int recurse(volatile int* p, int n) {
+  volatile char pad[512];
+  pad[n % 512] = static_cast<char>(n);
+  return recurse(p, n + 1) + pad[(n + 1) % 512];
+}
+
+__global__ void crash_kernel(float* out, int arg) {
+  MX_SHARED(int, flag);
+  const int t = threadIdx.x;
+  if (t == 0) flag = 0;
+  __syncthreads();
+  if (arg == 0 && t == 1) *reinterpret_cast<volatile float*>(static_cast<uintptr_t>(64)) = 1.f;
+  if (arg == 1 && t == 1) out[0] = static_cast<float>(recurse(reinterpret_cast<volatile int*>(out), 0));
+  if (arg == 2 && t == 0)
+    while (reinterpret_cast<volatile int&>(flag) == 0) {
+    }
+  if (arg == 2 && t == 1) flag = 1;
+  out[t] = 1.f;
+}
+
 }  // namespace
 
 namespace emu {
@@ -193,6 +215,7 @@ bool run_selftest(const std::string& name, void* const* b, int n, int64_t arg) {
            static_cast<__half*>(b[2]), f(3), f(4), a);
   else if (name == "atomic" && n == 2) launch(atomic_kernel, 2, 64, 0, nullptr, static_cast<int*>(b[0]), f(1), a);
   else if (name == "warp_order" && n == 1) launch(warp_order_kernel, 1, 64, 0, nullptr, f(0), a);
+  else if (name == "crash" && n == 1) launch(crash_kernel, 1, 32, 0, nullptr, f(0), a);
   else if (name == "fresh_smem" && n == 1) launch(fresh_smem_kernel, 3, 32, 64, nullptr, f(0));
   else return false;
   return true;
