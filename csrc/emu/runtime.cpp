@@ -67,7 +67,7 @@ struct NamedSite {
 std::vector<NamedSite> g_sites;
 std::map<std::tuple<const void*, const void*, int, uintptr_t>, uint64_t> g_site_index;
 
-uint64_t named_site(const char* what, const char* file, int line, uintptr_t pc = 0) {
+uint64_t named_site_slow(const char* what, const char* file, int line, uintptr_t pc) {
   const auto key = std::make_tuple(static_cast<const void*>(what), static_cast<const void*>(file), line, pc);
   const auto it = g_site_index.find(key);
   if (it != g_site_index.end()) return it->second;
@@ -75,6 +75,26 @@ uint64_t named_site(const char* what, const char* file, int line, uintptr_t pc =
   g_sites.push_back({what, file, line, pc});
   g_site_index.emplace(key, id);
   return id;
+}
+
+// Primitives name their site on every call (each emulated load, shuffle, barrier): a direct-mapped cache in front of
+// the table keeps that to a few instructions.
+struct SiteCacheEntry {
+  const char* what;
+  const char* file;
+  int line;
+  uintptr_t pc;
+  uint64_t id;
+};
+SiteCacheEntry g_site_cache[4096];
+
+inline uint64_t named_site(const char* what, const char* file, int line, uintptr_t pc = 0) {
+  const uintptr_t h = (reinterpret_cast<uintptr_t>(what) * 31 + reinterpret_cast<uintptr_t>(file) * 17 +
+                       static_cast<uintptr_t>(line) * 131 + pc * 7) >> 3;
+  SiteCacheEntry& e = g_site_cache[h % 4096];
+  if (e.id && e.what == what && e.file == file && e.line == line && e.pc == pc) return e.id;
+  e = {what, file, line, pc, named_site_slow(what, file, line, pc)};
+  return e.id;
 }
 
 std::string short_path(const std::string& p) {
