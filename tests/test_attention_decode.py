@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
 from numerics import assert_2x_rule
 
@@ -67,7 +68,7 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.mixtral_ext.attention_decode.default, (q, k, v, seq_lens, 0.25, 2))
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
+# ---- the kernel: on the GPU, and its source emulated on the CPU (reduced lengths) -----------------------------
 
 def poison(k, v, lens, window):
     """NaN into every slot no query may see: past each length and, with a window, before its start."""
@@ -117,81 +118,85 @@ def ragged(B, L, seed):
 MIXTRAL = dict(Hq=32, Hkv=8, D=128)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("B", [1, 3, 16, 64])
-@pytest.mark.parametrize("L", [1, 2, 100, 4095, 4096, 32768])
-def test_kernel_sweep(kernels, B, L):
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(B, L, W) for B in (1, 3, 16, 64) for L in (1, 2, 100, 4095, 4096, 32768) for W in (1000,)],
+    [(1, 1, 0), (3, 15, 0), (2, 64, 0), (3, 65, 16), (2, 200, 100)]), indirect=["kern"])
+def test_kernel_sweep(kern, case):
     """The issue's grid (bf16, Mixtral heads), ragged lengths, each with the window off and (where it can matter:
     lengths above it) on."""
+    B, L, W = case
     lens = ragged(B, L, seed=B * 7 + L)
-    q, k, v, seq_lens = make_inputs(B, L, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device="cuda", seed=B + L)
+    q, k, v, seq_lens = make_inputs(B, L, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device=kern.device,
+                                    seed=B + L)
     poison(k, v, seq_lens, 0)
     scale = 1 / math.sqrt(128)
-    for window in ((0, 1000) if L > 1000 else (0,)):
-        out = kernels.attention_decode(q, k, v, seq_lens, scale, window)
+    for window in ((0, W) if 0 < W < L else (0,)):
+        out = kern.attention_decode(q, k, v, seq_lens, scale, window)
         check_against_reference(out, q, k, v, seq_lens, scale, window, f"B={B} L={L} W={window}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("B,L", [(3, 100), (16, 4096), (1, 32768)])
-def test_kernel_fp16(kernels, B, L):
+@pytest.mark.parametrize("kern, case", backend_cases([(3, 100), (16, 4096), (1, 32768)], [(3, 100)]),
+                         indirect=["kern"])
+def test_kernel_fp16(kern, case):
+    B, L = case
     lens = ragged(B, L, seed=L)
-    q, k, v, seq_lens = make_inputs(B, L, **MIXTRAL, lens=lens, dtype=torch.float16, device="cuda", seed=L)
+    q, k, v, seq_lens = make_inputs(B, L, **MIXTRAL, lens=lens, dtype=torch.float16, device=kern.device, seed=L)
     poison(k, v, seq_lens, 0)
-    out = kernels.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(128), 0)
+    out = kern.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(128), 0)
     check_against_reference(out, q, k, v, seq_lens, 1 / math.sqrt(128), 0, f"fp16 B={B} L={L}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("window", [1, 3, 37, 4096])
-def test_kernel_sliding_window_never_reads_outside(kernels, window):
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(w, [5000, 4097, 38, 1]) for w in (1, 3, 37, 4096)], [(w, [300, 201, 38, 1]) for w in (1, 3, 37, 200)]),
+    indirect=["kern"])
+def test_kernel_sliding_window_never_reads_outside(kern, case):
     """Slots before the window start hold NaN too: whole splits fall outside the window and must add nothing."""
-    B, S = 4, 5000
-    lens = [5000, 4097, 38, 1]
-    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device="cuda", seed=window)
+    window, lens = case
+    B, S = len(lens), lens[0]
+    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device=kern.device,
+                                    seed=window)
     poison(k, v, seq_lens, window)
-    out = kernels.attention_decode(q, k, v, seq_lens, 0.088, window)
+    out = kern.attention_decode(q, k, v, seq_lens, 0.088, window, splits=4 if kern.name != "cuda" else 0)
     check_against_reference(out, q, k, v, seq_lens, 0.088, window, f"W={window}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("splits", [1, 2, 3, 17, 64])
-@pytest.mark.parametrize("window", [0, 700])
-def test_kernel_forced_splits(kernels, monkeypatch, splits, window):
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(n, [3000, 2999, 31, 33, 1000], w) for n in (1, 2, 3, 17, 64) for w in (0, 700)],
+    [(n, [300, 299, 31, 33, 100], w) for n in (1, 2, 3, 17) for w in (0, 70)]), indirect=["kern"])
+def test_kernel_forced_splits(kern, case):
     """Every split count gives the reference's answer, including splits left empty by short sequences."""
-    monkeypatch.setenv("MIXTRAL_EXT_DECODE_SPLITS", str(splits))
-    B, S = 5, 3000
-    lens = [3000, 2999, 31, 33, 1000]
-    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device="cuda", seed=splits)
+    splits, lens, window = case
+    B, S = len(lens), lens[0]
+    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device=kern.device,
+                                    seed=splits)
     poison(k, v, seq_lens, window)
-    out = kernels.attention_decode(q, k, v, seq_lens, 0.088, window)
+    out = kern.attention_decode(q, k, v, seq_lens, 0.088, window, splits=splits)
     check_against_reference(out, q, k, v, seq_lens, 0.088, window, f"splits={splits} W={window}")
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 32, 64, 128])
 @pytest.mark.parametrize("Hq,Hkv", [(8, 8), (16, 8), (8, 2), (16, 2)])
-def test_kernel_other_group_sizes_and_head_dims(kernels, Hq, Hkv, D, dtype):
+@pytest.mark.parametrize("kern, lens", backend_cases([[700, 1, 333]], [[150, 1, 67]]), indirect=["kern"])
+def test_kernel_other_group_sizes_and_head_dims(kern, lens, Hq, Hkv, D, dtype):
     """Every compiled (D, G = Hq / Hkv) specialisation, in both dtypes; these lengths give several splits."""
-    B, S = 3, 700
-    lens = [700, 1, 333]
-    q, k, v, seq_lens = make_inputs(B, S, Hq, Hkv, D, lens, dtype=dtype, device="cuda", seed=Hq + D)
+    B, S = len(lens), lens[0]
+    q, k, v, seq_lens = make_inputs(B, S, Hq, Hkv, D, lens, dtype=dtype, device=kern.device, seed=Hq + D)
     poison(k, v, seq_lens, 0)
-    out = kernels.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(D), 0)
+    out = kern.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(D), 0, splits=3 if kern.name != "cuda" else 0)
     check_against_reference(out, q, k, v, seq_lens, 1 / math.sqrt(D), 0, f"Hq={Hq} Hkv={Hkv} D={D} {dtype}")
 
 
-@pytest.mark.cuda
-def test_kernel_outlier_logits_and_empty_sequences(kernels):
+@pytest.mark.parametrize("kern, lens", backend_cases([[2048, 0, 1, 0, 1500, 2]], [[300, 0, 1, 0, 200, 2]]),
+                         indirect=["kern"])
+def test_kernel_outlier_logits_and_empty_sequences(kern, lens):
     """Large scores (a peaked softmax: the running max must be right) and sequences of length 0 (zero rows)."""
-    B, S = 6, 2048
-    lens = [2048, 0, 1, 0, 1500, 2]
-    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device="cuda", seed=11,
+    B, S = len(lens), lens[0]
+    q, k, v, seq_lens = make_inputs(B, S, **MIXTRAL, lens=lens, dtype=torch.bfloat16, device=kern.device, seed=11,
                                     q_scale=25.0)
     poison(k, v, seq_lens, 0)
     for window in (0, 64):
-        out = kernels.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(128), window)
+        out = kern.attention_decode(q, k, v, seq_lens, 1 / math.sqrt(128), window)
         check_against_reference(out, q, k, v, seq_lens, 1 / math.sqrt(128), window, f"outliers W={window}")
 
 
