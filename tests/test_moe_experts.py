@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
 from numerics import assert_2x_rule
 
@@ -107,23 +108,23 @@ def test_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mixtral_ext::moe_experts", "CompositeExplicitAutograd")
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
+# ---- the kernel: on the GPU, and its source emulated on the CPU (the decode GEMVs; reduced widths) -------------
 
 _WEIGHTS = {}
 
 
-def cached_weights(E, H, I, dtype):
+def cached_weights(E, H, I, dtype, device="cuda"):
     """Mixtral-size weights are 2.8 GB: made once per shape for the whole module."""
-    key = (E, H, I, dtype)
+    key = (E, H, I, dtype, device)
     if key not in _WEIGHTS:
         _WEIGHTS.clear()
-        _WEIGHTS[key] = make_weights(E, H, I, dtype, "cuda", H + I + E)
+        _WEIGHTS[key] = make_weights(E, H, I, dtype, device, H + I + E)
     return _WEIGHTS[key]
 
 
-def routed(T, E, k, skew, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    logits = torch.randn(T, E, device="cuda", generator=g)
+def routed(T, E, k, skew, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(T, E, device=device, generator=g)
     if skew == "one_expert":  # every token on expert E-1 (and one other when k > 1)
         logits[:, E - 1] += 40
     elif skew == "all_on_two":  # every token on the same k experts: the longest row chunks
@@ -140,8 +141,8 @@ def ref_route(logits, k):
     return ops.Route(*reference.moe_route(logits, k))
 
 
-def check_against_reference(kernels, x, route, w13, w2, what):
-    y = kernels.moe_experts(x, route, w13, w2)
+def check_against_reference(kernels, x, route, w13, w2, what, regime="decode"):
+    y = kernels.moe_experts(x, route, w13, w2, regime=regime)
     assert y.dtype == x.dtype and y.shape == x.shape, what
     # fp32 math on the same low-precision inputs
     ref32 = reference.moe_experts(x.float(), *route_args(route), w13, w2)
@@ -153,64 +154,74 @@ def check_against_reference(kernels, x, route, w13, w2, what):
 GPU_T = [1, 2, 3, 5, 8, 16, 33, 64]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T", GPU_T)
-@pytest.mark.parametrize("H,I", [(4096, 14336), (1024 + 64, 2816 + 32), (136, 200)])
-def test_kernel_matches_reference(kernels, T, H, I):
+# The emulator runs the decode GEMVs (regime "decode") at every T it is given; widths not multiples of the tiles.
+EMU_HI = [(136, 200), (264, 72)]
+
+
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(T, H, I) for T in GPU_T for H, I in [(4096, 14336), (1024 + 64, 2816 + 32), (136, 200)]],
+    [(T, H, I) for T in (1, 2, 5, 33, 64) for H, I in EMU_HI]), indirect=["kern"])
+def test_kernel_matches_reference(kern, case):
+    T, H, I = case
     E, k = 8, 2
-    w13, w2 = cached_weights(E, H, I, torch.bfloat16)
-    route = routed(T, E, k, None, seed=T)
-    x = torch.randn(T, H, device="cuda").bfloat16()
-    check_against_reference(kernels, x, route, w13, w2, f"T={T} H={H} I={I}")
+    w13, w2 = cached_weights(E, H, I, torch.bfloat16, kern.device)
+    route = routed(T, E, k, None, seed=T, device=kern.device)
+    x = torch.randn(T, H, device=kern.device).bfloat16()
+    check_against_reference(kern, x, route, w13, w2, f"T={T} H={H} I={I}")
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("skew", ["one_expert", "all_on_two", "empty_expert"])
-@pytest.mark.parametrize("T", [1, 3, 8, 33, 64, 150])
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(T, 1024 + 64, 2816 + 32) for T in (1, 3, 8, 33, 64, 150)], [(T, 136, 200) for T in (1, 3, 33)]),
+    indirect=["kern"])
 @pytest.mark.parametrize("E,k", [(8, 2), (16, 1)])
-def test_kernel_skewed_routing(kernels, skew, T, E, k):
-    H, I = 1024 + 64, 2816 + 32
-    w13, w2 = cached_weights(E, H, I, torch.bfloat16)
-    route = routed(T, E, k, skew, seed=T + E)
-    x = torch.randn(T, H, device="cuda").bfloat16()
-    check_against_reference(kernels, x, route, w13, w2, f"{skew} T={T} E={E} k={k}")
+def test_kernel_skewed_routing(kern, skew, case, E, k):
+    T, H, I = case
+    w13, w2 = cached_weights(E, H, I, torch.bfloat16, kern.device)
+    route = routed(T, E, k, skew, seed=T + E, device=kern.device)
+    x = torch.randn(T, H, device=kern.device).bfloat16()
+    check_against_reference(kern, x, route, w13, w2, f"{skew} T={T} E={E} k={k}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T,E,k,H,I", [(1, 8, 2, 64, 96), (7, 4, 4, 8, 8), (20, 64, 2, 256, 512),
-                                       (300, 8, 2, 256, 512), (2, 3, 3, 520, 72)])
-def test_kernel_generic_shapes(kernels, T, E, k, H, I):
-    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", T + E)
-    route = ref_route(torch.randn(T, E, device="cuda"), k)
-    x = torch.randn(T, H, device="cuda").bfloat16()
-    check_against_reference(kernels, x, route, w13, w2, f"T={T} E={E} k={k} H={H} I={I}")
+GENERIC = [(1, 8, 2, 64, 96), (7, 4, 4, 8, 8), (20, 64, 2, 256, 512), (300, 8, 2, 256, 512), (2, 3, 3, 520, 72)]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 8, 40])
-def test_kernel_fp16(kernels, T):
-    E, k, H, I = 8, 2, 1024 + 64, 2816 + 32
-    w13, w2 = make_weights(E, H, I, torch.float16, "cuda", 5)
-    route = ref_route(torch.randn(T, E, device="cuda"), k)
-    x = torch.randn(T, H, device="cuda").half()
-    check_against_reference(kernels, x, route, w13, w2, f"fp16 T={T}")
+@pytest.mark.parametrize("kern, case", backend_cases(GENERIC, [c for c in GENERIC if c[0] < 300]), indirect=["kern"])
+def test_kernel_generic_shapes(kern, case):
+    T, E, k, H, I = case
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, kern.device, T + E)
+    route = ref_route(torch.randn(T, E, device=kern.device), k)
+    x = torch.randn(T, H, device=kern.device).bfloat16()
+    check_against_reference(kern, x, route, w13, w2, f"T={T} E={E} k={k} H={H} I={I}")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 8])
-def test_kernel_reads_only_active_experts(kernels, T):
+@pytest.mark.parametrize("kern, case", backend_cases([(T, 1024 + 64, 2816 + 32) for T in (1, 8, 40)],
+                                                     [(T, 136, 200) for T in (1, 8)]), indirect=["kern"])
+def test_kernel_fp16(kern, case):
+    T, H, I = case
+    E, k = 8, 2
+    w13, w2 = make_weights(E, H, I, torch.float16, kern.device, 5)
+    route = ref_route(torch.randn(T, E, device=kern.device), k)
+    x = torch.randn(T, H, device=kern.device).half()
+    check_against_reference(kern, x, route, w13, w2, f"fp16 T={T}")
+
+
+@pytest.mark.parametrize("kern, case", backend_cases([(T, 1024 + 64, 2816 + 32) for T in (1, 8)],
+                                                     [(T, 136, 200) for T in (1, 8)]), indirect=["kern"])
+def test_kernel_reads_only_active_experts(kern, case):
     """The grid finds the active experts on the device: NaN in every other expert must not reach the output."""
-    E, k, H, I = 8, 2, 1024 + 64, 2816 + 32
-    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", 9)
-    logits = torch.randn(T, E, device="cuda")
+    T, H, I = case
+    E, k = 8, 2
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, kern.device, 9)
+    logits = torch.randn(T, E, device=kern.device)
     logits[:, 2] += 40
     logits[:, 5] += 30
     route = ref_route(logits, k)
     for e in (0, 1, 3, 4, 6, 7):
         w13[e] = float("nan")
         w2[e] = float("nan")
-    x = torch.randn(T, H, device="cuda").bfloat16()
-    y = check_against_reference(kernels, x, route, w13, w2, f"active-only T={T}")
+    x = torch.randn(T, H, device=kern.device).bfloat16()
+    y = check_against_reference(kern, x, route, w13, w2, f"active-only T={T}")
     assert not torch.isnan(y).any()
 
 

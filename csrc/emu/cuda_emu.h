@@ -201,6 +201,9 @@ unsigned warp_id();
 // Warp rendezvous of the lanes in `mask` (same call sequence); `all` receives every lane's bytes.
 void warp_exchange_bytes(unsigned mask, const void* mine, size_t bytes, void* all, const char* what, const char* file,
                          int line);
+// The same, each lane receiving only lane src's bytes (0xFF bytes if src is not in the mask): the shuffles.
+void warp_shuffle_bytes(unsigned mask, const void* mine, size_t bytes, void* out, int src, const char* what,
+                        const char* file, int line);
 template <class T>
 void warp_exchange(unsigned mask, const T& mine, T (&all)[32]) {
   static_assert(std::is_trivially_copyable_v<T>, "warp_exchange moves bytes");
@@ -324,8 +327,6 @@ template <class T>
 T shfl(const char* file, int line, ShflKind kind, unsigned mask, T v, int arg, int width = 32) {
   static_assert(std::is_trivially_copyable_v<T>, "shuffles move bytes");
   static const char* const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
-  T all[32];
-  warp_exchange_bytes(mask, &v, sizeof(T), all, names[static_cast<int>(kind)], file, line);
   const int lane = static_cast<int>(lane_id());
   // CUDA: width must be a power of two <= 32; lanes are split into segments of `width`.
   const int w = (width >= 1 && width <= 32 && (width & (width - 1)) == 0) ? width : 32;
@@ -337,13 +338,11 @@ T shfl(const char* file, int line, ShflKind kind, unsigned mask, T v, int arg, i
     case ShflKind::kDown: src = (lane - base) + arg < w ? lane + arg : lane; break;
     case ShflKind::kXor: src = (lane ^ arg) < base + w && (lane ^ arg) >= 0 ? (lane ^ arg) : lane; break;
   }
-  if (!((mask >> src) & 1u)) {
-    // Reading a lane outside the mask is undefined in CUDA: give NaN bytes, so a result that depends on it is wrong.
-    T poison;
-    std::memset(&poison, 0xFF, sizeof(T));
-    return poison;
-  }
-  return all[src];
+  // Reading a lane outside the mask is undefined in CUDA: the runtime gives NaN bytes, so a result that depends on
+  // it is wrong.
+  T out;
+  warp_shuffle_bytes(mask, &v, sizeof(T), &out, src, names[static_cast<int>(kind)], file, line);
+  return out;
 }
 unsigned vote(const char* file, int line, int kind, unsigned mask, bool pred);  // 0 ballot, 1 any, 2 all
 }  // namespace emu

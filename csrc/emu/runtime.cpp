@@ -638,8 +638,9 @@ void warp_join_clocks(int warp, unsigned mask) {
   for (Fiber* f : lanes) ++f->vc[f->tid];
 }
 
+// all: receives every lane's bytes ([32][bytes], lanes in the mask written), or, with src >= 0, only lane src's.
 void collective(unsigned mask, const void* mine, size_t bytes, void* all, const char* what, uint64_t site,
-                bool orders_memory) {
+                bool orders_memory, int src = -1) {
   if (!g_cur) report(std::string(what) + " called outside a kernel");
   Fiber* f = g_cur;
   const int warp = f->tid / 32, lane = f->tid % 32;
@@ -692,9 +693,14 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
     f->coll = c;
     block_current(Wait::kWarp, site, what, mask);
   }
-  for (int l = 0; l < 32; ++l)
-    if (bytes && ((mask >> l) & 1u))
-      std::memcpy(static_cast<char*>(all) + l * bytes, c->data.data() + l * bytes, bytes);
+  if (src >= 0) {
+    if (src < 32 && ((mask >> src) & 1u)) std::memcpy(all, c->data.data() + src * bytes, bytes);
+    else std::memset(all, 0xFF, bytes);
+  } else {
+    for (int l = 0; l < 32; ++l)
+      if (bytes && ((mask >> l) & 1u))
+        std::memcpy(static_cast<char*>(all) + l * bytes, c->data.data() + l * bytes, bytes);
+  }
   f->coll = nullptr;
   if (--c->readers == 0) delete c;
 }
@@ -854,6 +860,11 @@ void warp_exchange_bytes(unsigned mask, const void* mine, size_t bytes, void* al
   // header's, so the caller's PC says which instruction in which kernel.
   const bool from_wrapper = std::strcmp(what, "warp_exchange") == 0;
   collective(mask, mine, bytes, all, what, named_site(what, file, line, from_wrapper ? pc : 0), false);
+}
+
+void warp_shuffle_bytes(unsigned mask, const void* mine, size_t bytes, void* out, int src, const char* what,
+                        const char* file, int line) {
+  collective(mask, mine, bytes, out, what, named_site(what, file, line), false, src);
 }
 
 unsigned vote(const char* file, int line, int kind, unsigned mask, bool pred) {
