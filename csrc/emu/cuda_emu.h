@@ -150,7 +150,9 @@ enum CUtensorMapFloatOOBfill : int {
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+// always_inline as in CUDA: the arch/ wrappers then sit inside the kernel functions, so a report's inline chain
+// names the kernel line that used the instruction.
+#define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict

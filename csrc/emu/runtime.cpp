@@ -105,39 +105,43 @@ std::string short_path(const std::string& p) {
   return s == std::string::npos ? p : p.substr(s + 1);
 }
 
-// Code address -> "file:line (function)" through addr2line on the shared object that holds it (built with -g).
+// Code address -> "file:line (function)" through addr2line on the shared object that holds it (built with -g). With
+// inlining (the arch/ wrappers are always inlined), the chain follows: "sm80.cuh:45 (cp_async_wait_group<2>) in
+// attention_decode.cu:206 (attention_decode_kernel<...>)".
 std::string symbolize(uintptr_t pc, bool function_only = false) {
-  static std::unordered_map<uintptr_t, std::pair<std::string, std::string>> cache;
+  static std::unordered_map<uintptr_t, std::vector<std::pair<std::string, std::string>>> cache;
   auto it = cache.find(pc);
   if (it == cache.end()) {
-    std::string func = "?", loc = "?";
+    std::vector<std::pair<std::string, std::string>> frames;  // (function, location), innermost first
     Dl_info info{};
     if (dladdr(reinterpret_cast<void*>(pc), &info) && info.dli_fname) {
       const uintptr_t off = pc - reinterpret_cast<uintptr_t>(info.dli_fbase);
       char cmd[4096];
-      std::snprintf(cmd, sizeof(cmd), "addr2line -f -C -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+      std::snprintf(cmd, sizeof(cmd), "addr2line -f -C -i -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
                     static_cast<unsigned long>(off));
       if (FILE* f = popen(cmd, "r")) {
-        char line[4096];
-        if (std::fgets(line, sizeof(line), f)) {
-          func = line;
+        char a[4096], b[4096];
+        while (std::fgets(a, sizeof(a), f) && std::fgets(b, sizeof(b), f)) {
+          std::string func = a, loc = b;
           while (!func.empty() && (func.back() == '\n' || func.back() == '\r')) func.pop_back();
-        }
-        if (std::fgets(line, sizeof(line), f)) {
-          loc = line;
           while (!loc.empty() && (loc.back() == '\n' || loc.back() == '\r')) loc.pop_back();
           const size_t d = loc.find(" (discriminator");
           if (d != std::string::npos) loc.resize(d);
-          loc = short_path(loc);
+          frames.emplace_back(func, short_path(loc));
         }
         pclose(f);
       }
-      if (func == "??" && info.dli_sname) func = info.dli_sname;
+      if ((frames.empty() || frames[0].first == "??") && info.dli_sname)
+        frames.assign(1, {info.dli_sname, frames.empty() ? "?" : frames[0].second});
     }
-    it = cache.emplace(pc, std::make_pair(func, loc)).first;
+    if (frames.empty()) frames.emplace_back("?", "?");
+    it = cache.emplace(pc, std::move(frames)).first;
   }
-  if (function_only) return it->second.first;
-  return it->second.second + " (" + it->second.first + ")";
+  const auto& fr = it->second;
+  if (function_only) return fr.back().first;
+  std::string r;
+  for (size_t i = 0; i < fr.size() && i < 3; ++i) r += (i ? " in " : "") + fr[i].second + " (" + fr[i].first + ")";
+  return r;
 }
 
 std::string describe_site(uint64_t site) {
