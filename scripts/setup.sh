@@ -3,7 +3,8 @@
 # found) and the test extras. Idempotent: a second run only rebuilds what changed.
 #   PYTHON=python3.11   interpreter for the venv (default python3)
 #   TORCH_SPEC=...      torch requirement (default torch==2.14.1, a CUDA 13.0 build that compiles the extension)
-#   MIXTRAL_EXT_CUDA=0  pure-Python install (1: fail if the extension cannot be built)
+#   MIXTRAL_EXT_CUDA=0  no CUDA extension (1: fail if it cannot be built)
+#   MIXTRAL_EXT_EMU=0   no emulation extension (the kernels on the CPU; 1: fail if it cannot be built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -30,10 +31,13 @@ PY
 )
 [ "$cmake_ok" = 1 ] || { step "installing cmake>=3.24,<4"; pip_q "cmake>=3.24,<4"; }
 if [ -n "${CUDA_HOME:-}" ] && [ "${MIXTRAL_EXT_CUDA:-}" != 0 ]; then
-  step "building the package and its CUDA kernels with $CUDA_HOME/bin/nvcc, MAX_JOBS=${MAX_JOBS:-$(nproc)}" \
-       "(about 2 minutes on 2 cores), and installing the test extras"
+  step "building the package, its CUDA kernels with $CUDA_HOME/bin/nvcc and their CPU emulation," \
+       "MAX_JOBS=${MAX_JOBS:-$(nproc)} (about 2 minutes on 2 cores, the emulation under a minute more), and installing" \
+       "the test extras"
 else
-  step "installing the package (pure Python: no CUDA toolkit found or MIXTRAL_EXT_CUDA=0) and the test extras"
+  step "installing the package (no CUDA kernels: no CUDA toolkit found or MIXTRAL_EXT_CUDA=0; the kernels' CPU" \
+       "emulation is built, under a minute on 2 cores) and the test extras"
 fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip_q --no-build-isolation -e '.[test]'
-python -c 'import mixtral_ext; print("mixtral_ext installed; CUDA extension:", mixtral_ext.EXTENSION_STATUS)'
+python -c 'import mixtral_ext, mixtral_ext.emu as e; print("mixtral_ext installed; CUDA extension:",
+  mixtral_ext.EXTENSION_STATUS, "; emulation:", "available" if e.available() else e.status())'
