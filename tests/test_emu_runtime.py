@@ -219,3 +219,10 @@ def test_faults_and_spins_are_reports_not_crashes_or_hangs():
     out = torch.zeros(64)
     emu.selftest("race", [out], 0)  # the runtime is still usable afterwards
     assert torch.equal(out, ((torch.arange(64) + 1) % 64).float())
+
+
+def test_every_op_has_an_emulated_binding():
+    from mixtral_ext import ops
+
+    missing = [n for n in ops.OP_NAMES if not hasattr(torch.ops.mixtral_emu, n) or not hasattr(emu, n)]
+    assert not missing, f"ops without an emulated binding: {missing}"
