@@ -57,7 +57,8 @@ def selftest(name, bufs, arg=0):
 
 def stats():
     """One dict per launch since reset_stats(): kernel, grid, block, smem, bytes_read, bytes_written, buffers
-    ({name: [read, written]} in bytes)."""
+    ({name: [read, written, unique_read]} in bytes: every access counts in read / written, each byte once in
+    unique_read)."""
     return json.loads(_ops().stats())
 
 

@@ -206,7 +206,8 @@ def test_counters_record_global_bytes_per_buffer():
     emu.selftest("shfl", [x, torch.zeros(1), torch.zeros(64), torch.zeros(64), torch.zeros(64)])
     (s,) = emu.stats()
     assert re.search(r"shfl_kernel", s["kernel"]) and s["grid"] == [1, 1, 1] and s["block"] == [64, 1, 1]
-    assert s["buffers"] == {"buf0": [256, 0], "buf1": [0, 4], "buf2": [0, 256], "buf3": [0, 256], "buf4": [0, 256]}
+    assert s["buffers"] == {"buf0": [256, 0, 256], "buf1": [0, 4, 0], "buf2": [0, 256, 0], "buf3": [0, 256, 0],
+                            "buf4": [0, 256, 0]}
     assert s["bytes_read"] == 256 and s["bytes_written"] == 4 + 3 * 256
 
 

@@ -30,7 +30,9 @@ const std::string& error();
 void clear_error();
 
 // Counters per launch since reset_stats(), as JSON: [{"kernel", "grid": [x,y,z], "block": [x,y,z], "smem",
-// "bytes_read", "bytes_written", "buffers": {name: [read, written]}}, ...].
+// "bytes_read", "bytes_written", "buffers": {name: [read, written, unique_read]}}, ...]. read / written count every
+// access (instrumented loads and stores, emulated instructions, cp.async sources, atomics); unique_read counts each
+// byte once per launch (the traffic if every re-read hit a cache).
 std::string stats_json();
 void reset_stats();
 size_t launch_count();  // launches recorded since reset_stats()

@@ -159,7 +159,9 @@ struct Buffer {
   char* base;
   size_t size;
   std::string name;
-  uint64_t read = 0, written = 0;  // bytes, this launch
+  uint64_t read = 0, written = 0;  // bytes, this launch (every access counts)
+  uint64_t unique_read = 0;        // distinct bytes read, this launch (what a perfect cache would fetch)
+  std::vector<uint64_t> seen;      // bit per byte read this launch (allocated on the first read)
 };
 
 struct LaunchStat {
@@ -167,7 +169,7 @@ struct LaunchStat {
   dim3 grid, block;
   size_t smem;
   uint64_t bytes_read = 0, bytes_written = 0;
-  std::vector<std::tuple<std::string, uint64_t, uint64_t>> buffers;
+  std::vector<std::tuple<std::string, uint64_t, uint64_t, uint64_t>> buffers;  // name, read, written, unique read
 };
 
 struct AsyncCopy {
@@ -600,6 +602,15 @@ void global_access(const char* p, size_t n, bool is_write, uint64_t site) {
     g_stat->bytes_written += n;
   } else {
     b->read += n;
+    if (b->seen.empty()) b->seen.assign((b->size + 63) / 64, 0);
+    for (size_t i = static_cast<size_t>(p - b->base), e = i + n; i < e; ++i) {
+      uint64_t& word = b->seen[i / 64];
+      const uint64_t bit = uint64_t{1} << (i % 64);
+      if (!(word & bit)) {
+        word |= bit;
+        ++b->unique_read;
+      }
+    }
     g_stat->bytes_read += n;
   }
 }
@@ -1164,7 +1175,10 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   }
   g_stats.push_back(LaunchStat{kernel, grid, block, smem, 0, 0, {}});
   g_stat = &g_stats.back();
-  for (Buffer& b : g_buffers) b.read = b.written = 0;
+  for (Buffer& b : g_buffers) {
+    b.read = b.written = b.unique_read = 0;
+    b.seen.clear();
+  }
   g_kernel = kernel;
   g_grid = grid;
   g_block = block;
@@ -1212,7 +1226,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   }
   for (auto& f : spare) g_fibers.push_back(std::move(f));
   for (const Buffer& b : g_buffers)
-    if (b.read || b.written) g_stat->buffers.emplace_back(b.name, b.read, b.written);
+    if (b.read || b.written) g_stat->buffers.emplace_back(b.name, b.read, b.written, b.unique_read);
   if (!g_error.empty()) g_last_error = cudaErrorLaunchFailure;
 }
 
@@ -1354,7 +1368,7 @@ std::string stats_json() {
       << ",\"buffers\":{";
     for (size_t j = 0; j < s.buffers.size(); ++j)
       o << (j ? "," : "") << "\"" << esc(std::get<0>(s.buffers[j])) << "\":[" << std::get<1>(s.buffers[j]) << ","
-        << std::get<2>(s.buffers[j]) << "]";
+        << std::get<2>(s.buffers[j]) << "," << std::get<3>(s.buffers[j]) << "]";
     o << "}}";
   }
   o << "]";
