@@ -30,11 +30,8 @@ endif()
 
 # .cu files are CUDA sources to the _C target; the emulation target compiles them as C++ through one-line wrappers
 # (source-file LANGUAGE is per directory, not per target). file(CONFIGURE) rewrites a wrapper only when it changes.
-set(_emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu)
-if(EXISTS ${CMAKE_SOURCE_DIR}/csrc/kernels/arch)  # kernels free of inline asm and <<<>>> (the arch/ wrappers)
-  file(GLOB _kernels CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/csrc/kernels/*.cu)
-  list(APPEND _emu_kernel_sources ${_kernels})
-endif()
+file(GLOB _emu_kernel_sources CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/csrc/kernels/*.cu)
+list(APPEND _emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu)
 set(_emu_wrappers "")
 foreach(_cu IN LISTS _emu_kernel_sources)
   get_filename_component(_stem "${_cu}" NAME_WE)
