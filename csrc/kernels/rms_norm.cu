@@ -52,7 +52,9 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
   float total = 0.f;
 #pragma unroll
   for (int i = 0; i < kThreads / 32; ++i) total += partial[i];
-  const float inv = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+  // IEEE sqrt and division (0.5 ulp each), not rsqrtf: its documented 2 ulp error alone exceeds the fp32 output's
+  // tolerance (2 ulp of the largest output) once the products' roundings add theirs. Once per row, so free.
+  const float inv = 1.0f / sqrtf(total / static_cast<float>(p.hidden) + p.eps);
 
   // The residual row was written by this same thread above, so re-reading it needs no barrier.
   const V* src = res ? res : x;
