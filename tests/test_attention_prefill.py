@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
 from numerics import assert_2x_rule
 
@@ -88,7 +89,7 @@ def test_registered_for_all_devices():
                                                           "CompositeExplicitAutograd")
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
+# ---- the kernels: on the GPU, and their source emulated on the CPU (the sm_80 path, reduced lengths) ----------
 # Oracles for long sequences are computed in query chunks: the chunk [a, a + c) of a sequence with n new tokens and
 # L keys is itself a valid call with n' = c and L' = L - n + a + c (same positions, same keys), which bounds the
 # reference's [Hq, n, L] score tensor.
@@ -127,12 +128,14 @@ def eager_low(q, k, v, cu, lens, scale, window):
 
 def check(kernels, new_lens, prefix_lens, window=0, dtype=torch.bfloat16, Hq=32, Hkv=8, slack=0, seed=0,
           q_scale=1.0):
-    q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, Hq, Hkv, dtype, "cuda", slack,
+    dev = getattr(kernels, "device", "cuda")
+    q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, Hq, Hkv, dtype, dev, slack,
                                                          seed, q_scale, stale=float("nan"))
     scale = D ** -0.5
     # Poison the caching allocator: the output most likely reuses this NaN-filled block, so a row the kernel never
-    # writes shows up as NaN instead of as whatever an earlier, correct result left there.
-    torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    # writes shows up as NaN instead of as whatever an earlier, correct result left there. (The emulator allocates
+    # every output NaN-filled.)
+    torch.full(q.shape, float("nan"), dtype=dtype, device=dev)
     out = kernels.attention_prefill(q, k, v, cu_t, lens_t, max_q, scale, window)
     assert out.dtype == dtype and out.shape == q.shape
     # The oracles must not see the NaN slots either: they read only the first L slots, as the contract says.
@@ -143,60 +146,62 @@ def check(kernels, new_lens, prefix_lens, window=0, dtype=torch.bfloat16, Hq=32,
     return out
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 127, 128, 129, 1000, 4096, 16384])
-def test_lengths_no_cache(kernels, n):
+@pytest.mark.parametrize("kern, n", backend_cases([1, 15, 16, 17, 127, 128, 129, 1000, 4096, 16384],
+                                                  [1, 15, 17, 64, 65, 129, 200]), indirect=["kern"])
+def test_lengths_no_cache(kern, n):
     """The no-cache full forward: k_cache is k viewed as [1, n, Hkv, D], exactly n slots."""
-    check(kernels, [n], [0], seed=n)
+    check(kern, [n], [0], seed=n)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("n", [1, 17, 129, 1000])
-def test_lengths_fp16(kernels, n):
-    check(kernels, [n], [0], dtype=torch.float16, seed=n + 1)
+@pytest.mark.parametrize("kern, n", backend_cases([1, 17, 129, 1000], [1, 17, 129]), indirect=["kern"])
+def test_lengths_fp16(kern, n):
+    check(kern, [n], [0], dtype=torch.float16, seed=n + 1)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("new_lens", [[1, 15, 16, 17], [129, 1, 1000, 64, 3], [4096, 127, 128]])
-def test_mixed_batch(kernels, dtype, new_lens):
-    check(kernels, new_lens, [0] * len(new_lens), dtype=dtype, slack=37, seed=len(new_lens))
+@pytest.mark.parametrize("kern, new_lens", backend_cases([[1, 15, 16, 17], [129, 1, 1000, 64, 3], [4096, 127, 128]],
+                                                         [[1, 15, 16, 17], [129, 1, 64, 3]]), indirect=["kern"])
+def test_mixed_batch(kern, dtype, new_lens):
+    check(kern, new_lens, [0] * len(new_lens), dtype=dtype, slack=37, seed=len(new_lens))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("new_lens,prefix_lens", [
-    ([1], [1000]), ([16, 1, 200], [5, 300, 2048]), ([129, 64], [64, 1]), ([1000, 17], [3000, 4096]),
-])
-def test_cached_prefix(kernels, new_lens, prefix_lens):
-    check(kernels, new_lens, prefix_lens, slack=100, seed=sum(prefix_lens))
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [([1], [1000]), ([16, 1, 200], [5, 300, 2048]), ([129, 64], [64, 1]), ([1000, 17], [3000, 4096])],
+    [([1], [100]), ([16, 1, 20], [5, 30, 200]), ([129, 64], [64, 1])]), indirect=["kern"])
+def test_cached_prefix(kern, case):
+    new_lens, prefix_lens = case
+    check(kern, new_lens, prefix_lens, slack=100, seed=sum(prefix_lens))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("window", [1, 7, 64, 100, 1000, 5000])
-def test_sliding_window(kernels, window):
+@pytest.mark.parametrize("kern, case", backend_cases(
+    [(w, [1000, 1, 129], [0, 2000, 300]) for w in (1, 7, 64, 100, 1000, 5000)],
+    [(w, [200, 1, 65], [0, 200, 30]) for w in (1, 7, 64, 100)]), indirect=["kern"])
+def test_sliding_window(kern, case):
     """Windows narrower than, equal to and wider than the key tiles, with and without a cached prefix."""
-    check(kernels, [1000, 1, 129], [0, 2000, 300], window=window, slack=5, seed=window)
+    window, new_lens, prefix_lens = case
+    check(kern, new_lens, prefix_lens, window=window, slack=5, seed=window)
 
 
-@pytest.mark.cuda
-def test_other_gqa_groups(kernels):
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_other_gqa_groups(kern):
     """G = 1 (MHA), 2 and 8 fold differently into the 128-row tile."""
     for Hq, Hkv in [(8, 8), (8, 4), (16, 2)]:
-        check(kernels, [100, 7], [30, 0], Hq=Hq, Hkv=Hkv, seed=Hq + Hkv)
+        check(kern, [100, 7], [30, 0], Hq=Hq, Hkv=Hkv, seed=Hq + Hkv)
 
 
-@pytest.mark.cuda
-def test_no_nan(kernels):
+@pytest.mark.parametrize("kern", backends(), indirect=True)
+def test_no_nan(kern):
     """Large logits (q x 30) stress the running max; a sequence with no visible key at all (seq_lens_k = 0 with one
     new token, outside the contract) must give zeros, not NaN; NaN in unused cache slots must not leak."""
-    out = check(kernels, [300, 1], [0, 50], window=3, slack=20, q_scale=30.0)
+    out = check(kern, [300, 1], [0, 50], window=3, slack=20, q_scale=30.0)
     assert torch.isfinite(out).all()
-    q = torch.randn(3, 32, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.full((2, 8, 8, D), float("nan"), device="cuda", dtype=torch.bfloat16)
-    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device="cuda")
-    lens = torch.tensor([0, 2], dtype=torch.int32, device="cuda")
-    k[1, :2] = torch.randn(2, 8, D, device="cuda", dtype=torch.bfloat16)
-    out = kernels.attention_prefill(q, k, k, cu, lens, 2, D ** -0.5, 0)
+    dev = kern.device
+    q = torch.randn(3, 32, D, device=dev, dtype=torch.bfloat16)
+    k = torch.full((2, 8, 8, D), float("nan"), device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=dev)
+    lens = torch.tensor([0, 2], dtype=torch.int32, device=dev)
+    k[1, :2] = torch.randn(2, 8, D, device=dev, dtype=torch.bfloat16)
+    out = kern.attention_prefill(q, k, k, cu, lens, 2, D ** -0.5, 0)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 

@@ -261,6 +261,17 @@ int g_live = 0, g_exited = 0;
 int g_bar_arrived = 0;
 std::vector<uint32_t> g_J;
 std::vector<std::vector<WarpColl*>> g_open;  // per warp
+std::vector<unsigned> g_warp_exited;         // per warp: lanes that have exited
+std::vector<WarpColl*> g_coll_pool;          // finished collectives, reused (their data keeps its capacity)
+
+WarpColl* new_coll() {
+  if (g_coll_pool.empty()) return new WarpColl;
+  WarpColl* c = g_coll_pool.back();
+  g_coll_pool.pop_back();
+  c->arrived = 0;
+  return c;
+}
+void free_coll(WarpColl* c) { g_coll_pool.push_back(c); }
 bool g_abort = false;
 
 // shared arena
@@ -269,7 +280,14 @@ size_t g_arena_used = 0, g_smem_limit = 0;
 std::vector<std::pair<const void*, size_t>> g_static_objs;  // (key, offset) this CTA
 std::vector<Shadow> g_shadow;
 uint32_t g_gen = 0;
-std::unordered_map<uint32_t, std::vector<ReadEpoch>> g_read_lists;
+// Per shared byte with several unordered readers: their epochs. Indexed by offset; inner vectors keep their capacity
+// across CTAs (only the touched ones are cleared), so steady-state emulation allocates nothing here.
+std::vector<std::vector<ReadEpoch>> g_read_lists;
+std::vector<uint32_t> g_read_lists_used;
+std::vector<ReadEpoch>& read_list(uint32_t b) {
+  if (g_read_lists.empty()) g_read_lists.resize(kArenaBytes);
+  return g_read_lists[b];
+}
 
 // ---- reports ----------------------------------------------------------------------------------------------------
 std::string kernel_name(const void* k) { return symbolize(reinterpret_cast<uintptr_t>(k), true); }
@@ -433,18 +451,13 @@ unsigned existing_lanes(int warp) {
   return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
 }
 
-unsigned exited_lanes(int warp) {
-  unsigned m = ~existing_lanes(warp);
-  for (int l = 0; l < 32; ++l) {
-    const int t = warp * 32 + l;
-    if (t < g_nthreads && g_fibers[t]->exited) m |= 1u << l;
-  }
-  return m;
-}
+// Lanes of `warp` that have exited, or do not exist (a block size that is not a multiple of 32).
+unsigned exited_lanes(int warp) { return ~existing_lanes(warp) | g_warp_exited[warp]; }
 
 void thread_exit() {
   Fiber* f = g_cur;
   f->exited = true;
+  g_warp_exited[f->tid / 32] |= 1u << (f->tid % 32);
   ++g_exited;
   --g_live;
   if (g_bar_arrived > 0) {
@@ -513,9 +526,9 @@ void shared_access(uint32_t off, size_t n, bool is_write, bool atomic, uint64_t 
       race(b, n, is_write, site, s.w_tid, true, s.w_site);
     if (is_write) {
       if (s.r_flags & kList) {
-        for (const ReadEpoch& e : g_read_lists[b])
+        for (const ReadEpoch& e : read_list(b))
           if (!hb(e.tid, e.clk, u) && !(atomic && e.atomic)) race(b, n, true, site, e.tid, false, e.site);
-        g_read_lists.erase(b);
+        read_list(b).clear();
       } else if ((s.r_flags & kValid) && !hb(s.r_tid, s.r_clk, u) && !(atomic && (s.r_flags & kAtomic))) {
         race(b, n, true, site, s.r_tid, false, s.r_site);
       }
@@ -526,7 +539,7 @@ void shared_access(uint32_t off, size_t n, bool is_write, bool atomic, uint64_t 
       s.r_flags = 0;
     } else {
       if (s.r_flags & kList) {
-        auto& l = g_read_lists[b];
+        auto& l = read_list(b);
         bool found = false;
         for (ReadEpoch& e : l)
           if (e.tid == u->tid) {
@@ -540,8 +553,11 @@ void shared_access(uint32_t off, size_t n, bool is_write, bool atomic, uint64_t 
         s.r_site = site;
         s.r_flags = kValid | (atomic ? kAtomic : 0);
       } else {
-        g_read_lists[b] = {{s.r_tid, s.r_clk, s.r_site, (s.r_flags & kAtomic) != 0},
-                           {static_cast<uint16_t>(u->tid), clk, site, atomic}};
+        auto& l = read_list(b);
+        l.clear();
+        l.push_back({s.r_tid, s.r_clk, s.r_site, (s.r_flags & kAtomic) != 0});
+        l.push_back({static_cast<uint16_t>(u->tid), clk, site, atomic});
+        g_read_lists_used.push_back(b);
         s.r_flags = kValid | kList;
       }
     }
@@ -683,7 +699,7 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
                std::to_string(lane) + " calls " + what + " at " + describe_site(site) + " with mask " + hex32(mask) +
                " while lanes " + lanes_of(o->arrived) + " wait in " + o->what + " at " + describe_site(o->site) +
                " with mask " + hex32(o->mask) + ", which includes lane " + std::to_string(lane));
-    c = new WarpColl;
+    c = new_coll();
     c->mask = mask;
     c->what = what;
     c->site = site;
@@ -717,7 +733,7 @@ void collective(unsigned mask, const void* mine, size_t bytes, void* all, const 
         std::memcpy(static_cast<char*>(all) + l * bytes, c->data.data() + l * bytes, bytes);
   }
   f->coll = nullptr;
-  if (--c->readers == 0) delete c;
+  if (--c->readers == 0) free_coll(c);
 }
 
 // ---- deadlock -----------------------------------------------------------------------------------------------------
@@ -817,7 +833,8 @@ void run_cta(uint3 bid) {
     std::fill(g_shadow.begin(), g_shadow.end(), Shadow{});
     g_gen = 1;
   }
-  g_read_lists.clear();
+  for (uint32_t b : g_read_lists_used) g_read_lists[b].clear();
+  g_read_lists_used.clear();
   std::memset(g_arena, 0xFF, g_dyn_smem);  // static objects are filled when a CTA allocates them
   g_arena_used = g_dyn_smem;
   g_static_objs.clear();
@@ -827,9 +844,10 @@ void run_cta(uint3 bid) {
   g_exited = 0;
   std::fill(g_J.begin(), g_J.end(), 0u);
   for (auto& o : g_open) {
-    for (WarpColl* c : o) delete c;
+    for (WarpColl* c : o) free_coll(c);
     o.clear();
   }
+  std::fill(g_warp_exited.begin(), g_warp_exited.end(), 0u);
   for (int t = 0; t < g_nthreads; ++t) {
     Fiber* f = g_fibers[t].get();
     f->exited = f->blocked = false;
@@ -1207,6 +1225,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   }
   g_J.assign(g_nthreads, 0);
   g_open.assign((g_nthreads + 31) / 32, {});
+  g_warp_exited.assign((g_nthreads + 31) / 32, 0u);
   g_abort = false;
   g_in_launch = true;
   install_fault_handlers();
@@ -1221,7 +1240,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
   g_in_launch = false;
   g_cur = nullptr;
   for (auto& o : g_open) {
-    for (WarpColl* c : o) delete c;
+    for (WarpColl* c : o) free_coll(c);
     o.clear();
   }
   for (auto& f : spare) g_fibers.push_back(std::move(f));
