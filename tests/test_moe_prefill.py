@@ -120,12 +120,19 @@ def expected_kernel(path):
 
 
 def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="auto", dtype=torch.bfloat16):
-    dev = "cuda"
+    dev = getattr(kernels, "device", "cuda")
     torch.manual_seed(seed)
     x = (torch.randn(T, H, device=dev) * x_scale).to(dtype)
     w13, w2 = make_weights(E, H, I, dev, seed=seed + 1, dtype=dtype)
     route = route_of(make_logits(T, E, kind, seed + 2), top_k, dev)
-    names, out = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
+    if dev == "cpu":  # the emulator: its launch counters name the kernels that ran
+        from mixtral_ext import emu
+
+        emu.reset_stats()
+        out = kernels.moe_experts(x, route, w13, w2, regime="prefill")
+        names = {st["kernel"] for st in emu.stats()}
+    else:
+        names, out = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
     want = expected_kernel(path)
     assert names is None or any(want in n for n in names), f"{want} did not run; launched: {sorted(names)}"
     assert out.shape == (T, H) and out.dtype == dtype
@@ -199,45 +206,73 @@ def test_sm90_register_count_lets_setmaxnreg_rebalance(sass):
     assert not bad, f"register counts setmaxnreg cannot rebalance: {bad}"
 
 
-# ---- GPU ----------------------------------------------------------------------------------------------------------
+# ---- the kernels: on the GPU (each path forced), and the sm_80 path's source emulated on the CPU ---------------
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T", [65, 128, 257, 1000, 4096, 8192])
-def test_token_sweep(kernels, path, T):
-    check(kernels, T, E=8, top_k=2, H=512, I=768, seed=T, path=path)
+def path_cases(cuda_cases, emu_cases):
+    """Parameters for `parametrize("kern, path, case", ..., indirect=["kern"])`: every cuda case on each path (sm90
+    needs a Hopper GPU), and the emulator's own, smaller cases on the sm_80 path (it runs every thread on the CPU)."""
+    return ([pytest.param("cuda", p, c, marks=pytest.mark.cuda) for p in ("sm80", "sm90") for c in cuda_cases]
+            + [pytest.param("emu80", "sm80", c) for c in emu_cases])
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("T,H,I", [(65, 512, 768), (1000, 1032, 2056), (4096, 4096, 1024)])
-def test_float16(kernels, path, T, H, I):
+@pytest.fixture
+def use_path(monkeypatch):
+    """use_path(kern, path): forces one code path (MIXTRAL_EXT_MOE_PATH) on the GPU; the emulator's path is its
+    arch (80: the mma.sync kernels)."""
+    def use(kern, path):
+        if kern.name == "cuda":
+            if path == "sm90" and not is_hopper():
+                pytest.skip("the sm90 path needs a compute-capability-9 GPU")
+            monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", path)
+        return path
+    return use
+
+
+@pytest.mark.parametrize("kern, path, T", path_cases([65, 128, 257, 1000, 4096, 8192], [65, 130]), indirect=["kern"])
+def test_token_sweep(kern, use_path, path, T):
+    H, I = (512, 768) if kern.name == "cuda" else (256, 192)
+    check(kern, T, E=8, top_k=2, H=H, I=I, seed=T, path=use_path(kern, path))
+
+
+@pytest.mark.parametrize("kern, path, case", path_cases([(65, 512, 768), (1000, 1032, 2056), (4096, 4096, 1024)],
+                                                        [(65, 264, 136)]), indirect=["kern"])
+def test_float16(kern, use_path, path, case):
     """The same kernels instantiated for fp16 (mma/wgmma .f16, fp16 TMA maps, fp16 intermediate)."""
-    check(kernels, T, E=8, top_k=2, H=H, I=I, seed=T + 1, path=path, dtype=torch.float16)
+    T, H, I = case
+    check(kern, T, E=8, top_k=2, H=H, I=I, seed=T + 1, path=use_path(kern, path), dtype=torch.float16)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["one", "two_empty", "single_row"])
-@pytest.mark.parametrize("T", [65, 1000])
-def test_skewed_routing(kernels, path, kind, T):
-    check(kernels, T, E=8, top_k=2, H=1024, I=512, kind=kind, seed=3 * T, path=path)
+@pytest.mark.parametrize("kern, path, case", path_cases([(T, 1024, 512) for T in (65, 1000)], [(65, 128, 128)]),
+                         indirect=["kern"])
+def test_skewed_routing(kern, use_path, path, kind, case):
+    T, H, I = case
+    check(kern, T, E=8, top_k=2, H=H, I=I, kind=kind, seed=3 * T, path=use_path(kern, path))
 
 
-@pytest.mark.cuda
-def test_everything_on_one_expert_top1(kernels, path):
-    check(kernels, 3000, E=8, top_k=1, H=1024, I=1024, kind="one", seed=11, path=path)
+@pytest.mark.parametrize("kern, path, case", path_cases([(3000, 1024, 1024)], [(200, 128, 128)]), indirect=["kern"])
+def test_everything_on_one_expert_top1(kern, use_path, path, case):
+    T, H, I = case
+    check(kern, T, E=8, top_k=1, H=H, I=I, kind="one", seed=11, path=use_path(kern, path))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("H,I", [(8, 8), (520, 136), (1032, 2056), (4104, 392), (96, 14336 + 8)])
-def test_awkward_sizes(kernels, path, H, I):
+@pytest.mark.parametrize("kern, path, case", path_cases(
+    [(300, H, I) for H, I in [(8, 8), (520, 136), (1032, 2056), (4104, 392), (96, 14336 + 8)]],
+    [(70, H, I) for H, I in [(8, 8), (520, 136), (96, 200)]]), indirect=["kern"])
+def test_awkward_sizes(kern, use_path, path, case):
     """K not a multiple of the 64-wide k-tile, N not a multiple of the N-tile, tiny dimensions."""
-    check(kernels, 300, E=8, top_k=2, H=H, I=I, seed=H + I, path=path)
+    T, H, I = case
+    check(kern, T, E=8, top_k=2, H=H, I=I, seed=H + I, path=use_path(kern, path))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("E,top_k", [(1, 1), (3, 2), (16, 4), (64, 2)])
-def test_expert_counts(kernels, path, E, top_k):
-    check(kernels, 513, E=E, top_k=top_k, H=256, I=384, seed=E * 10 + top_k, path=path)
+@pytest.mark.parametrize("kern, path, case", path_cases([(513, E, k) for E, k in [(1, 1), (3, 2), (16, 4), (64, 2)]],
+                                                        [(70, E, k) for E, k in [(1, 1), (3, 2), (16, 4)]]),
+                         indirect=["kern"])
+def test_expert_counts(kern, use_path, path, case):
+    T, E, top_k = case
+    H, I = (256, 384) if kern.name == "cuda" else (128, 128)
+    check(kern, T, E=E, top_k=top_k, H=H, I=I, seed=E * 10 + top_k, path=use_path(kern, path))
 
 
 @pytest.mark.cuda
@@ -246,10 +281,11 @@ def test_mixtral_shapes(kernels, path, T):
     check(kernels, T, E=8, top_k=2, H=4096, I=14336, seed=T, path=path)
 
 
-@pytest.mark.cuda
-def test_large_activations_no_nan(kernels, path):
+@pytest.mark.parametrize("kern, path, case", path_cases([(200, 256, 256)], [(100, 128, 128)]), indirect=["kern"])
+def test_large_activations_no_nan(kern, use_path, path, case):
     """Gate values of several hundred: silu's exp overflows internally and must still give -0, never NaN."""
-    out = check(kernels, 200, E=8, top_k=2, H=256, I=256, seed=5, x_scale=200.0, path=path)
+    T, H, I = case
+    out = check(kern, T, E=8, top_k=2, H=H, I=I, seed=5, x_scale=200.0, path=use_path(kern, path))
     assert torch.isfinite(out.float()).all()
 
 
