@@ -102,3 +102,18 @@ def moe_experts(x, route, w13, w2, regime="decode", arch=80):
     """regime: 'decode' (the GEMVs) or 'prefill' (the arch's grouped GEMM; an error if it declines the shape)."""
     return _ops().moe_experts(x, route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens,
                               route.token_rows, w13, w2, str(regime), int(arch))
+
+
+# ---- the Hopper part (csrc/emu/sm90*.cpp) ---------------------------------------------------------------------------
+
+def sm90_selftest(name, bufs, args=()):
+    """Run the sm_90 known-answer kernel `name` (csrc/emu/sm90_selftest.cu) on contiguous CPU tensors `bufs` (in
+    place); args: ints (args[0] picks a deliberately broken variant, args[1] = 1 for fp16)."""
+    _ops().sm90_selftest(name, list(bufs), [int(a) for a in args])
+
+
+def set_num_regs(regs, kernel=""):
+    """The numRegs cudaFuncGetAttributes reports in emulation: for every kernel (kernel="", also forgetting the
+    per-kernel values), or for the kernels whose name contains `kernel`. The sm_90a launchers check it (setmaxnreg
+    budgets); the default is 168."""
+    _ops().set_num_regs(int(regs), str(kernel))

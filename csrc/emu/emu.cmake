@@ -31,7 +31,7 @@ endif()
 # .cu files are CUDA sources to the _C target; the emulation target compiles them as C++ through one-line wrappers
 # (source-file LANGUAGE is per directory, not per target). file(CONFIGURE) rewrites a wrapper only when it changes.
 file(GLOB _emu_kernel_sources CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/csrc/kernels/*.cu)
-list(APPEND _emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu)
+list(APPEND _emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu ${CMAKE_SOURCE_DIR}/csrc/emu/sm90_selftest.cu)
 set(_emu_wrappers "")
 foreach(_cu IN LISTS _emu_kernel_sources)
   get_filename_component(_stem "${_cu}" NAME_WE)
@@ -48,10 +48,11 @@ target_compile_options(mixtral_emu_kernels PRIVATE -O1 -g -fsanitize=thread --pa
                        -fno-omit-frame-pointer)
 
 add_library(mixtral_ext_emu SHARED ${CMAKE_SOURCE_DIR}/csrc/emu/runtime.cpp ${CMAKE_SOURCE_DIR}/csrc/emu/emu_ops.cpp
+            ${CMAKE_SOURCE_DIR}/csrc/emu/sm90.cpp ${CMAKE_SOURCE_DIR}/csrc/emu/sm90_ops.cpp
             $<TARGET_OBJECTS:mixtral_emu_kernels>)
 target_include_directories(mixtral_ext_emu PRIVATE ${CMAKE_SOURCE_DIR}/csrc/emu ${CMAKE_SOURCE_DIR}/csrc/kernels
                            ${CMAKE_SOURCE_DIR}/csrc)
-set_source_files_properties(${CMAKE_SOURCE_DIR}/csrc/emu/emu_ops.cpp PROPERTIES
+set_source_files_properties(${CMAKE_SOURCE_DIR}/csrc/emu/emu_ops.cpp ${CMAKE_SOURCE_DIR}/csrc/emu/sm90_ops.cpp PROPERTIES
   INCLUDE_DIRECTORIES "${MIXTRAL_EXT_TORCH_INCLUDE}"
   COMPILE_DEFINITIONS "_GLIBCXX_USE_CXX11_ABI=${MIXTRAL_EXT_TORCH_CXX11_ABI}")
 target_compile_options(mixtral_ext_emu PRIVATE -O2 -g)

@@ -15,7 +15,9 @@ namespace emu {
 void set_arch(int arch);
 int arch();
 // cudaFuncGetAttributes(...).numRegs for every kernel (ptxas' answer on the real device is not known here).
-void set_num_regs(int regs);
+void set_num_regs(int regs);  // also forgets the per-kernel values below
+// numRegs for the kernels whose (demangled) name contains name_part; the last matching call wins.
+void set_kernel_num_regs(const std::string& name_part, int regs);
 
 // A buffer of `bytes` in the emulation region, named for reports. fill_nan: 0xFF bytes (NaN as float/bf16/fp16) so
 // output elements a kernel fails to write are visible; otherwise zero. The address is `misalign` modulo 256 (a copy

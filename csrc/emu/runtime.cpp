@@ -22,6 +22,8 @@
 
 #define MIXTRAL_EMU 1
 #include "cuda_emu.h"
+#include "sm90.h"
+#include "sm90_runtime.h"
 
 #include <dlfcn.h>
 #include <setjmp.h>
@@ -178,7 +180,7 @@ struct AsyncCopy {
   uint64_t issue_site;
 };
 
-enum class Wait : int { kNone, kBarrier, kWarp };
+enum class Wait : int { kNone, kBarrier, kWarp, kAsync };  // kAsync: the sm_90 primitives (sm90.cpp)
 
 struct WarpColl;
 
@@ -228,6 +230,8 @@ struct ReadEpoch {
 
 int g_arch = 90;
 int g_num_regs = 168;
+std::vector<std::pair<std::string, int>> g_num_regs_by_name;  // (part of the kernel's name, numRegs), last wins
+std::unordered_map<const void*, size_t> g_func_static_smem;   // measured at each kernel's last launch
 cudaError_t g_last_error = cudaSuccess;
 std::string g_error;
 
@@ -291,6 +295,16 @@ std::vector<ReadEpoch>& read_list(uint32_t b) {
 
 // ---- reports ----------------------------------------------------------------------------------------------------
 std::string kernel_name(const void* k) { return symbolize(reinterpret_cast<uintptr_t>(k), true); }
+
+int num_regs_of(const void* f) {
+  int r = g_num_regs;
+  if (!g_num_regs_by_name.empty()) {
+    const std::string name = kernel_name(f);
+    for (const auto& [part, regs] : g_num_regs_by_name)
+      if (name.find(part) != std::string::npos) r = regs;
+  }
+  return r;
+}
 
 std::string fmt3(uint3 v) {
   return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
@@ -454,8 +468,11 @@ unsigned existing_lanes(int warp) {
 // Lanes of `warp` that have exited, or do not exist (a block size that is not a multiple of 32).
 unsigned exited_lanes(int warp) { return ~existing_lanes(warp) | g_warp_exited[warp]; }
 
+void (*g_thread_exit_hook)(int tid) = nullptr;  // sm90.cpp: work a thread leaves pending (wgmma groups)
+
 void thread_exit() {
   Fiber* f = g_cur;
+  if (g_thread_exit_hook) g_thread_exit_hook(f->tid);
   f->exited = true;
   g_warp_exited[f->tid / 32] |= 1u << (f->tid % 32);
   ++g_exited;
@@ -513,8 +530,11 @@ std::string describe_op(uint64_t site) {
          ", and no barrier (__syncthreads, __syncwarp) orders the two");
 }
 
+void (*g_generic_write_hook)(uint32_t off, size_t n) = nullptr;  // sm90.cpp: fence.proxy.async tracking
+
 void shared_access(uint32_t off, size_t n, bool is_write, bool atomic, uint64_t site) {
   Fiber* u = g_cur;
+  if (is_write && g_generic_write_hook) g_generic_write_hook(off, n);
   const uint32_t clk = u->vc[u->tid];
   for (uint32_t b = off; b < off + n; ++b) {
     Shadow& s = g_shadow[b];
@@ -826,8 +846,11 @@ void fault_report() {
 }
 
 // ---- CTA execution ----------------------------------------------------------------------------------------------
+uint64_t g_cta_serial = 0;
+
 void run_cta(uint3 bid) {
   g_blockIdx = bid;
+  ++g_cta_serial;
   ++g_gen;
   if (g_gen == 0) {  // generation wrapped: every shadow entry must be invalid again
     std::fill(g_shadow.begin(), g_shadow.end(), Shadow{});
@@ -1237,6 +1260,7 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, void* s
     // deadlock(): g_error holds the report
   }
   remove_fault_handlers();
+  g_func_static_smem[kernel] = g_arena_used > g_dyn_smem ? g_arena_used - g_dyn_smem : 0;
   g_in_launch = false;
   g_cur = nullptr;
   for (auto& o : g_open) {
@@ -1279,7 +1303,11 @@ cudaError_t func_set_attribute(const void* f, int attr, int value) {
 
 cudaError_t func_get_attributes(cudaFuncAttributes* a, const void* f) {
   *a = cudaFuncAttributes{};
-  a->numRegs = g_num_regs;
+  a->numRegs = num_regs_of(f);
+  // The static shared memory a kernel declares is known only once it has run (MX_SHARED objects are allocated as
+  // the code reaches them): before that, the static limit (48 KiB) is the emulator's upper bound.
+  const auto st = g_func_static_smem.find(f);
+  a->sharedSizeBytes = st == g_func_static_smem.end() ? kDefaultDynSmem : st->second;
   a->binaryVersion = g_arch;
   a->ptxVersion = g_arch;
   const auto it = g_func_max_dyn_smem.find(f);
@@ -1314,9 +1342,12 @@ cudaError_t occupancy(int* n, const void* f, int threads, size_t smem) {
 }
 
 cudaError_t get_driver_entry_point(const char* symbol, void** fn) {
-  (void)symbol;
   *fn = nullptr;
-  return cudaErrorNotSupported;  // the driver API (TMA descriptors) is part 2 of the emulation
+  if (std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0) {  // the emulated encoder (sm90.cpp)
+    *fn = reinterpret_cast<void*>(&sm90::tensor_map_encode_tiled);
+    return cudaSuccess;
+  }
+  return cudaErrorNotSupported;
 }
 
 // ---- host API (emu_host.h) --------------------------------------------------------------------------------------
@@ -1325,7 +1356,11 @@ void set_arch(int a) {
   g_arch = a;
 }
 int arch() { return g_arch; }
-void set_num_regs(int r) { g_num_regs = r; }
+void set_num_regs(int r) {
+  g_num_regs = r;
+  g_num_regs_by_name.clear();
+}
+void set_kernel_num_regs(const std::string& name_part, int r) { g_num_regs_by_name.emplace_back(name_part, r); }
 
 void* buffer_alloc(size_t bytes, const std::string& name, bool fill_nan, size_t misalign) {
   if (!g_region) {
@@ -1398,6 +1433,42 @@ void reset_stats() { g_stats.clear(); }
 size_t launch_count() { return g_stats.size(); }
 
 }  // namespace emu
+
+// ---- the runtime's internals for the sm_90 primitives (sm90_runtime.h, sm90.cpp) ------------------------------------
+namespace emu::rt {
+int tid() { return g_cur ? g_cur->tid : -1; }
+int nthreads() { return g_nthreads; }
+uint64_t cta_serial() { return g_cta_serial; }
+int kernel_num_regs() { return num_regs_of(g_kernel); }
+uint64_t site(const char* what, uintptr_t pc) { return named_site(what, nullptr, 0, pc); }
+std::string describe(uint64_t s) { return describe_site(s); }
+void report(const std::string& msg) { ::emu::report(msg); }
+void block(const char* what, uint64_t s) {
+  if (!g_cur) ::emu::report(std::string(what) + " outside a kernel");
+  block_current(Wait::kAsync, s, what);
+}
+void wake(int t) {
+  Fiber* f = g_fibers[t].get();
+  if (f->blocked && f->wait == Wait::kAsync) make_ready(f);
+}
+void knowledge(std::vector<uint32_t>& out) {
+  out.resize(g_nthreads);
+  for (int t = 0; t < g_nthreads; ++t) out[t] = std::max(g_J[t], g_cur->vc[t]);
+}
+void acquire(const std::vector<uint32_t>& v) {
+  for (int t = 0; t < g_nthreads && t < static_cast<int>(v.size()); ++t) g_cur->vc[t] = std::max(g_cur->vc[t], v[t]);
+}
+void tick() { ++g_cur->vc[g_cur->tid]; }
+uint32_t clock_of(int t) { return g_cur->vc[t]; }
+void shared_access(uint32_t off, size_t n, bool is_write, bool atomic, uint64_t s) {
+  check_shared_range(off, n, is_write, s);
+  ::emu::shared_access(off, n, is_write, atomic, s);
+}
+char* arena() { return g_arena; }
+void global_access(const void* p, size_t n, bool is_write, uint64_t s) { on_access(p, n, is_write, s); }
+void set_generic_write_hook(void (*h)(uint32_t, size_t)) { g_generic_write_hook = h; }
+void set_thread_exit_hook(void (*h)(int)) { g_thread_exit_hook = h; }
+}  // namespace emu::rt
 
 // ---- ThreadSanitizer instrumentation hooks (kernel code is compiled with -fsanitize=thread, not linked with it) ----
 #define EMU_RET_PC reinterpret_cast<uint64_t>(__builtin_return_address(0))

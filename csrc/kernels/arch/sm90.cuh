@@ -2,7 +2,8 @@
 // wgmma group protocol and the wgmma shapes the kernels issue, shared-memory matrix descriptors for the 128-byte
 // swizzle, register re-allocation (setmaxnreg), named barriers, fences, and the register pins that order wgmma's
 // asynchronous accumulator accesses. Each wrapper has its CUDA body (inline PTX) and, in the CPU emulation build
-// (MIXTRAL_EMU), an emulated body (part 2 of the emulation work; for now they report "not emulated yet").
+// (MIXTRAL_EMU), an emulated body calling the emulation runtime's Hopper primitives (csrc/emu/sm90.h, written from the
+// PTX ISA; sm90.cpp says what is modelled and reported).
 //
 // MIXTRAL_SM90A is defined in the sm_90a device pass and in the emulation build: the other CUDA passes of the same
 // file must not see wgmma or setmaxnreg, so kernels wrap their sm_90a bodies in #ifdef MIXTRAL_SM90A. Only kernel
@@ -13,6 +14,8 @@
 
 #ifndef MIXTRAL_EMU
 #include <cuda.h>  // CUtensorMap, cuTensorMapEncodeTiled's types
+#else
+#include "emu/sm90.h"
 #endif
 
 #include <cstdint>
@@ -64,37 +67,28 @@
 namespace mixtral {
 namespace sm90 {
 
-// Report of a Hopper instruction whose emulated body is part 2 of the emulation work.
-#ifdef MIXTRAL_EMU
-#define MIXTRAL_SM90_NOT_EMULATED(instr) ::emu::fail(instr " not emulated yet")
-#endif
-
 // mbarriers (shared::cta addresses). A fresh barrier is in phase 0, and parity 1 (the phase "before" it) counts as
 // completed, which lets a producer's first pass over a ring go through.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 #ifndef MIXTRAL_EMU
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 #else
-  (void)bar;
-  (void)count;
-  MIXTRAL_SM90_NOT_EMULATED("mbarrier.init");
+  ::emu::sm90::mbar_init(bar, count);
 #endif
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 #ifndef MIXTRAL_EMU
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 #else
-  (void)bar;
-  MIXTRAL_SM90_NOT_EMULATED("mbarrier.arrive");
+  ::emu::sm90::mbar_arrive(bar, 0);
 #endif
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 #ifndef MIXTRAL_EMU
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 #else
-  (void)bar;
-  (void)bytes;
-  MIXTRAL_SM90_NOT_EMULATED("mbarrier.arrive.expect_tx");
+  if (bytes == 0) ::emu::fail("mbarrier.arrive.expect_tx with 0 bytes (use mbarrier.arrive)");
+  ::emu::sm90::mbar_arrive(bar, bytes);
 #endif
 }
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
@@ -105,9 +99,7 @@ __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
                : "=r"(done) : "r"(bar), "r"(parity) : "memory");
   return done != 0;
 #else
-  (void)bar;
-  (void)parity;
-  MIXTRAL_SM90_NOT_EMULATED("mbarrier.try_wait.parity");
+  return ::emu::sm90::mbar_try_wait_parity(bar, parity);
 #endif
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -120,7 +112,7 @@ __device__ __forceinline__ void fence_mbarrier_init_release_cluster() {
 #ifndef MIXTRAL_EMU
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #else
-  MIXTRAL_SM90_NOT_EMULATED("fence.mbarrier_init.release.cluster");
+  ::emu::sm90::fence_mbarrier_init();
 #endif
 }
 
@@ -133,7 +125,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 #ifndef MIXTRAL_EMU
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #else
-  MIXTRAL_SM90_NOT_EMULATED("fence.proxy.async.shared::cta");
+  ::emu::sm90::fence_proxy_async();
 #endif
 }
 
@@ -158,14 +150,17 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_global_to_shared(uint32_
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
       : "memory");
 #else
-  (void)dst;
-  (void)map;
-  (void)x;
-  (void)y;
-  (void)bar;
-  MIXTRAL_SM90_NOT_EMULATED("cp.async.bulk.tensor.2d");
+  const int coords[2] = {x, y};
+  ::emu::sm90::tma_load(dst, map, coords, 2, bar);
 #endif
 }
+
+#ifdef MIXTRAL_EMU
+template <typename T> constexpr ::emu::sm90::WgmmaType wgmma_type() {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "wgmma: bf16 or fp16");
+  return std::is_same_v<T, __nv_bfloat16> ? ::emu::sm90::WgmmaType::kBF16 : ::emu::sm90::WgmmaType::kF16;
+}
+#endif
 
 // The wgmma group protocol: fence before a batch whose register operands ordinary code wrote; commit closes the
 // batch into a group; wait_group N waits until at most N groups are pending (accumulators are valid only then).
@@ -173,21 +168,21 @@ __device__ __forceinline__ void wgmma_fence() {
 #ifndef MIXTRAL_EMU
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #else
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.fence");
+  ::emu::sm90::wgmma_fence();
 #endif
 }
 __device__ __forceinline__ void wgmma_commit() {
 #ifndef MIXTRAL_EMU
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #else
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.commit_group");
+  ::emu::sm90::wgmma_commit();
 #endif
 }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
 #ifndef MIXTRAL_EMU
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #else
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.wait_group");
+  ::emu::sm90::wgmma_wait(N);
 #endif
 }
 
@@ -213,11 +208,7 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_ss(float (&d)[128], uint64_
     MIXTRAL_WGMMA_SS("256", "f16", MIXTRAL_WGMMA_R128, MIXTRAL_WGMMA_D128, "130", "128", "129");
   }
 #else
-  (void)d;
-  (void)da;
-  (void)db;
-  (void)scale_d;
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.mma_async.m64n256k16");
+  ::emu::sm90::wgmma_issue(d, 256, wgmma_type<T>(), da, nullptr, db, scale_d != 0, 1, 1, 0, 0);
 #endif
 }
 template <typename T>
@@ -230,11 +221,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_f32_ss(float (&d)[64], uint64_t
     MIXTRAL_WGMMA_SS("128", "f16", MIXTRAL_WGMMA_R64, MIXTRAL_WGMMA_D64, "66", "64", "65");
   }
 #else
-  (void)d;
-  (void)da;
-  (void)db;
-  (void)scale_d;
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.mma_async.m64n128k16");
+  ::emu::sm90::wgmma_issue(d, 128, wgmma_type<T>(), da, nullptr, db, scale_d != 0, 1, 1, 0, 0);
 #endif
 }
 #ifndef MIXTRAL_EMU
@@ -261,10 +248,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_f32_rs_transb(float (&d)[32], co
   }
 #undef MIXTRAL_WGMMA_RS
 #else
-  (void)d;
-  (void)a;
-  (void)db;
-  MIXTRAL_SM90_NOT_EMULATED("wgmma.mma_async.m64n64k16 (A from registers)");
+  ::emu::sm90::wgmma_issue(d, 64, wgmma_type<T>(), 0, a, db, true, 1, 1, 0, 1);
 #endif
 }
 
@@ -294,14 +278,14 @@ template <int R> __device__ __forceinline__ void setmaxnreg_inc() {
 #ifndef MIXTRAL_EMU
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 #else
-  // TODO(issue 18): model the CTA register pool (inc waits for what dec returned).
+  ::emu::sm90::setmaxnreg(true, R);
 #endif
 }
 template <int R> __device__ __forceinline__ void setmaxnreg_dec() {
 #ifndef MIXTRAL_EMU
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
 #else
-  // TODO(issue 18): model the CTA register pool.
+  ::emu::sm90::setmaxnreg(false, R);
 #endif
 }
 
@@ -311,16 +295,14 @@ template <int kThreads> __device__ __forceinline__ void bar_sync(uint32_t id) {
 #ifndef MIXTRAL_EMU
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 #else
-  (void)id;
-  MIXTRAL_SM90_NOT_EMULATED("bar.sync");
+  ::emu::sm90::bar_sync(id, kThreads, true);
 #endif
 }
 template <int kThreads> __device__ __forceinline__ void bar_arrive(uint32_t id) {
 #ifndef MIXTRAL_EMU
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 #else
-  (void)id;
-  MIXTRAL_SM90_NOT_EMULATED("bar.arrive");
+  ::emu::sm90::bar_sync(id, kThreads, false);
 #endif
 }
 
