@@ -387,17 +387,34 @@ cudaError_t launch_sm90(const AttentionPrefillParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// setmaxnreg only moves registers within the CTA's pool (384 x R, R = the kernel's register count): the producer
+// warpgroup returns 128 x (R - kProducerRegs), the consumers then take 256 x (kConsumerRegs - R), and their
+// setmaxnreg.inc waits until the pool holds that many - forever if it never will. ptxas gives this kernel the
+// __launch_bounds__(384, 1) maximum, R = 168, which balances exactly (and no larger R fits those bounds); a compiler
+// that chose fewer registers would hang every block, so such a binary is declined (as moe_gemm_sm90's regs_ok does)
+// and attention_prefill_sm90_launch runs the sm_80 path instead.
+template <typename T>
+bool regs_ok() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, attention_prefill_sm90_kernel<T>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return 128 * (attr.numRegs - kProducerRegs) >= 256 * (kConsumerRegs - attr.numRegs);
+}
+
 }  // namespace
 
 bool attention_prefill_sm90_available() {
   // The binary the runtime would load for the current device: sm_90a code reports 90; a build without the sm_90a
-  // pass gives the sm_80 binary (80) or no binary at all.
+  // pass gives the sm_80 binary (80) or no binary at all. A register count the setmaxnreg split cannot run with
+  // (regs_ok) makes the path unavailable too.
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, attention_prefill_sm90_kernel<__nv_bfloat16>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  return attr.binaryVersion >= 90;
+  return attr.binaryVersion >= 90 && regs_ok<__nv_bfloat16>() && regs_ok<__half>();
 }
 
 cudaError_t attention_prefill_sm90_launch(const AttentionPrefillParams& p, cudaStream_t stream) {
@@ -406,8 +423,10 @@ cudaError_t attention_prefill_sm90_launch(const AttentionPrefillParams& p, cudaS
     return cudaErrorInvalidValue;
   if (p.max_seqlen_q <= 0 || p.batch <= 0) return cudaSuccess;
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_sm90<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_sm90<__half>(p, stream);
+    case DType::kBFloat16:
+      return regs_ok<__nv_bfloat16>() ? launch_sm90<__nv_bfloat16>(p, stream) : attention_prefill_sm80_launch(p, stream);
+    case DType::kFloat16:
+      return regs_ok<__half>() ? launch_sm90<__half>(p, stream) : attention_prefill_sm80_launch(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
