@@ -169,7 +169,9 @@ def test_attention_prefill_sm90_lengths(dtype, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_prefill_sm90_cached_prefix_ragged_batch(dtype):
-    attention_case([37, 1, 130], [90, 200, 3], dtype=dtype, seed=7)
+    """A ragged batch with cached prefixes; the 1-token sequence sees 501 keys = 4 tiles, so the 3-stage ring wraps
+    (parities flip, slots are reused)."""
+    attention_case([37, 1, 130], [90, 500, 3], dtype=dtype, seed=7)
 
 
 @pytest.mark.parametrize("window", [1, 50, 129])
@@ -221,6 +223,13 @@ def test_moe_grouped_gemm_sm90_routing(kind):
 def test_moe_grouped_gemm_sm90_partial_tiles_fp16(H, I):
     """K and N not multiples of the tiles (TMA zero-fills the box edges), fp16."""
     moe_case(33, H=H, I=I, dtype=torch.float16, seed=H)
+
+
+@pytest.mark.parametrize("T", [64, 130])
+def test_moe_grouped_gemm_sm90_ring_wraps(T):
+    """H = 512: GEMM1 walks 8 k-tiles per output tile, more than the ring has stages, so every slot is reused and
+    the empty / full parities flip."""
+    moe_case(T, H=512, I=64, seed=T + 1)
 
 
 def test_moe_register_guard_declines_to_sm80():
