@@ -183,7 +183,7 @@ void check_proxy(Cta& c, uint32_t off, size_t n, const std::vector<uint32_t>& K,
     const uint32_t e = c.gw_seq[off + i];
     const bool fenced = e < c.fences[u].size() && c.fences[u][e] <= K[u];
     if (!fenced)
-      rt::report(std::string(what) + " " + rt::describe(site) + " reads shared byte " + std::to_string(off + i) +
+      rt::report(rt::describe(site) + " reads shared byte " + std::to_string(off + i) +
                  " through the async proxy, but thread " + std::to_string(u) +
                  " wrote it through the generic proxy (st.shared, a plain store or a cp.async landing) with no "
                  "fence.proxy.async after the write that is ordered before this read: the read may miss the write");
@@ -194,12 +194,12 @@ void check_proxy(Cta& c, uint32_t off, size_t n, const std::vector<uint32_t>& K,
 MBar& bar_at(Cta& c, uint32_t bar, const char* what, uint64_t site) {
   auto it = c.bars.find(bar);
   if (it == c.bars.end())
-    rt::report(std::string(what) + " " + rt::describe(site) + " on shared offset " + std::to_string(bar) +
+    rt::report(rt::describe(site) + " on shared offset " + std::to_string(bar) +
                ", which holds no initialised mbarrier (mbarrier.init first)");
   uint64_t v;
   std::memcpy(&v, rt::arena() + bar, 8);
   if (v != kBarMagic)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": the mbarrier at shared offset " +
+    rt::report(rt::describe(site) + ": the mbarrier at shared offset " +
                std::to_string(bar) + " (initialised " + rt::describe(it->second.init_site) +
                ") was overwritten by other data");
   return it->second;
@@ -227,10 +227,10 @@ void release_into(std::vector<uint32_t>& rel) {
 void mbar_init(uint32_t bar, uint32_t count) {
   const uint64_t site = rt::site("mbarrier.init", EMU_PC);
   Cta& c = cta();
-  if (bar % 8) rt::report("mbarrier.init " + rt::describe(site) + ": shared offset " + std::to_string(bar) +
+  if (bar % 8) rt::report(rt::describe(site) + ": shared offset " + std::to_string(bar) +
                           " is not 8-byte aligned");
   if (count < 1 || count > (1u << 20) - 1)
-    rt::report("mbarrier.init " + rt::describe(site) + ": count " + std::to_string(count) +
+    rt::report(rt::describe(site) + ": count " + std::to_string(count) +
                " outside 1 .. 2^20-1");
   rt::shared_access(bar, 8, true, false, site);
   std::memcpy(rt::arena() + bar, &kBarMagic, 8);
@@ -250,12 +250,12 @@ void mbar_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
   MBar& b = bar_at(c, bar, what, site);
   rt::shared_access(bar, 8, true, true, site);
   if (expect_tx_bytes > (1u << 20) - 1)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": tx count " + std::to_string(expect_tx_bytes) +
+    rt::report(rt::describe(site) + ": tx count " + std::to_string(expect_tx_bytes) +
                " outside 0 .. 2^20-1");
   b.tx += expect_tx_bytes;
   release_into(b.rel);
   if (b.pending <= 0)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": more arrivals than the mbarrier's count (" +
+    rt::report(rt::describe(site) + ": more arrivals than the mbarrier's count (" +
                std::to_string(b.count) + ") in one phase (the phase waits only for its transactions)");
   --b.pending;
   complete_if_done(b);
@@ -412,13 +412,13 @@ void tma_load(uint32_t dst, const CUtensorMap* map, const int* coords, int rank,
   Cta& c = cta();
   const TMap m = load_map(map);
   if (m.magic != kMapMagic)
-    rt::report("cp.async.bulk.tensor " + rt::describe(site) + ": the tensor map was not made by "
+    rt::report(rt::describe(site) + ": the tensor map was not made by "
                "cuTensorMapEncodeTiled (or was overwritten)");
   if (static_cast<int>(m.rank) != rank)
-    rt::report("cp.async.bulk.tensor " + rt::describe(site) + ": a " + std::to_string(rank) +
+    rt::report(rt::describe(site) + ": a " + std::to_string(rank) +
                "d copy with a tensor map of rank " + std::to_string(m.rank));
   if (dst % 128)
-    rt::report("cp.async.bulk.tensor " + rt::describe(site) + ": shared destination offset " + std::to_string(dst) +
+    rt::report(rt::describe(site) + ": shared destination offset " + std::to_string(dst) +
                " is not 128-byte aligned");
   MBar& b = bar_at(c, bar, "cp.async.bulk.tensor", site);
   const uint32_t span = swizzle_span(m.swizzle);
@@ -483,7 +483,7 @@ Desc decode(uint64_t d, const char* what, uint64_t site) {
   const uint32_t mode = static_cast<uint32_t>(d >> 62);
   r.span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
   if (base_offset != 0)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": descriptor " + hex(d) +
+    rt::report(rt::describe(site) + ": descriptor " + hex(d) +
                " has a matrix base offset (not emulated: the kernels align every swizzle atom)");
   return r;
 }
@@ -512,7 +512,7 @@ void read_operand(Cta& c, uint64_t desc, bool mn_major, int mn0, int rows, Wgmma
                   const std::vector<uint32_t>& K, const char* what, uint64_t site) {
   const Desc d = decode(desc, what, site);
   if (mn_major && !d.span)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": an MN-major operand without swizzle "
+    rt::report(rt::describe(site) + ": an MN-major operand without swizzle "
                "(not emulated: the kernels do not use it)");
   uint16_t v[8];
   if (!mn_major) {
@@ -546,7 +546,7 @@ void execute(Cta& c, int warp, WgmmaOp& op, const std::vector<uint32_t>& K) {
   if (op.rs) {
     for (int l = 0; l < 32; ++l) {
       if (std::memcmp(op.a[l], op.a_snap[l], 16) != 0)
-        rt::report("wgmma.mma_async " + rt::describe(op.site) + ": lane " + std::to_string(l) + " of warp " +
+        rt::report(rt::describe(op.site) + ": lane " + std::to_string(l) + " of warp " +
                    std::to_string(warp) + " changed its A registers before the wgmma.wait_group that retires it");
       const int g = l / 4, t = l % 4;
       for (int q = 0; q < 4; ++q) {
@@ -581,9 +581,9 @@ void wgmma_issue(float* d, int n, WgmmaType type, uint64_t desc_a, const uint32_
   Cta& c = cta();
   const int t = rt::tid(), warp = t / 32, lane = t % 32;
   WarpWgmma& w = c.warps[warp];
-  if (n % 8 || n < 8 || n > 256) rt::report("wgmma.mma_async " + rt::describe(site) + ": N = " + std::to_string(n));
+  if (n % 8 || n < 8 || n > 256) rt::report(rt::describe(site) + ": N = " + std::to_string(n));
   if (!w.fenced[lane])
-    rt::report("wgmma.mma_async " + rt::describe(site) + ": thread " + std::to_string(t) +
+    rt::report(rt::describe(site) + ": thread " + std::to_string(t) +
                " issues a wgmma with no wgmma.fence since its last wgmma.wait_group (or the kernel start): the "
                "accumulator / A registers may not be ordered with the ordinary accesses before it");
   const int g = w.committed[lane], k = w.issued[lane]++;
@@ -607,7 +607,7 @@ void wgmma_issue(float* d, int n, WgmmaType type, uint64_t desc_a, const uint32_
   if (op.n != n || op.type != type || op.desc_b != desc_b || op.rs != (a != nullptr) ||
       (!op.rs && op.desc_a != desc_a) || op.scale_d != scale_d || op.trans_a != trans_a || op.trans_b != trans_b ||
       op.scale_a != scale_a || op.scale_b != scale_b)
-    rt::report("wgmma.mma_async " + rt::describe(site) + ": lane " + std::to_string(lane) + " of warp " +
+    rt::report(rt::describe(site) + ": lane " + std::to_string(lane) + " of warp " +
                std::to_string(warp) + " issues wgmma #" + std::to_string(k) + " of group " + std::to_string(g) +
                " with other operands (descriptors, shape, scale-d) than lanes before it");
   op.d[lane] = d;
@@ -634,7 +634,7 @@ void wgmma_commit() {
     w.group_size[g] = w.issued[lane];
     w.groups[g];  // an empty group is legal
   } else if (it->second != w.issued[lane]) {
-    rt::report("wgmma.commit_group " + rt::describe(site) + ": lane " + std::to_string(lane) + " commits " +
+    rt::report(rt::describe(site) + ": lane " + std::to_string(lane) + " commits " +
                std::to_string(w.issued[lane]) + " wgmma into group " + std::to_string(g) + ", other lanes of its warp " +
                std::to_string(it->second));
   }
@@ -653,7 +653,7 @@ void wgmma_wait(int pending) {
   WarpWgmma& w = c.warps[warp];
   for (int l = 0; l < 32; ++l)
     if (all[l] != mine)
-      rt::report("wgmma.wait_group " + rt::describe(site) + ": lanes of warp " + std::to_string(warp) +
+      rt::report(rt::describe(site) + ": lanes of warp " + std::to_string(warp) +
                  " have committed different numbers of wgmma groups (" + std::to_string(mine) + " and " +
                  std::to_string(all[l]) + ")");
   const int target = mine - pending;
@@ -700,12 +700,12 @@ void setmaxnreg(bool inc, int regs) {
       if (r < 0) r = r0;
   }
   if (regs < 24 || regs > 256 || regs % 8)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": " + std::to_string(regs) +
+    rt::report(rt::describe(site) + ": " + std::to_string(regs) +
                " registers (must be a multiple of 8 in 24 .. 256)");
   int& cur = c.regs[t];
   if (!inc) {
     if (regs > cur)
-      rt::report(std::string(what) + " " + rt::describe(site) + ": " + std::to_string(regs) +
+      rt::report(rt::describe(site) + ": " + std::to_string(regs) +
                  " registers is more than the thread holds (" + std::to_string(cur) + ")");
     c.reg_free += cur - regs;
     cur = regs;
@@ -714,7 +714,7 @@ void setmaxnreg(bool inc, int regs) {
     return;
   }
   if (regs < cur)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": " + std::to_string(regs) +
+    rt::report(rt::describe(site) + ": " + std::to_string(regs) +
                " registers is fewer than the thread holds (" + std::to_string(cur) + ")");
   const int need = regs - cur;
   while (c.reg_free < need) {
@@ -731,17 +731,17 @@ void bar_sync(uint32_t id, uint32_t threads, bool wait) {
   const uint64_t site = rt::site(what, EMU_PC);
   Cta& c = cta();
   if (id == 0 || id > 15)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": barrier " + std::to_string(id) +
+    rt::report(rt::describe(site) + ": barrier " + std::to_string(id) +
                " (1 .. 15 are emulated; 0 is __syncthreads' barrier)");
   if (threads == 0 || threads % 32 || static_cast<int>(threads) > c.nthreads)
-    rt::report(std::string(what) + " " + rt::describe(site) + ": thread count " + std::to_string(threads) +
+    rt::report(rt::describe(site) + ": thread count " + std::to_string(threads) +
                " (a multiple of 32, at most the block's " + std::to_string(c.nthreads) + ")");
   NamedBar& b = c.named[id];
   if (b.arrived == 0) {
     b.count = threads;
     b.site = site;
   } else if (b.count != threads) {
-    rt::report(std::string(what) + " " + rt::describe(site) + " on barrier " + std::to_string(id) + " with " +
+    rt::report(rt::describe(site) + " on barrier " + std::to_string(id) + " with " +
                std::to_string(threads) + " threads while " + std::to_string(b.arrived) + " threads arrived at " +
                rt::describe(b.site) + " expecting " + std::to_string(b.count));
   }
