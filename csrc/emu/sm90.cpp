@@ -127,17 +127,19 @@ struct Cta {
 };
 
 Cta g_cta;
-bool g_hooks = false;
 
 void on_generic_write(uint32_t off, size_t n);
 void on_thread_exit(int tid);
 
+// Installed when the library loads: generic writes must be tracked from a kernel's first store on, before its first
+// sm_90 instruction (runtime.cpp's hook pointers are constant-initialised, so this static initialiser may set them).
+[[maybe_unused]] const bool g_hooks = [] {
+  rt::set_generic_write_hook(&on_generic_write);
+  rt::set_thread_exit_hook(&on_thread_exit);
+  return true;
+}();
+
 Cta& cta() {
-  if (!g_hooks) {
-    rt::set_generic_write_hook(&on_generic_write);
-    rt::set_thread_exit_hook(&on_thread_exit);
-    g_hooks = true;
-  }
   if (g_cta.serial != rt::cta_serial()) {
     Cta& c = g_cta;
     c.serial = rt::cta_serial();
