@@ -3,7 +3,8 @@ kernels for tracing, and the CUDA kernels from `_C` (csrc/ops.cpp registers them
 
 `torch.ops.mixtral_ext.<op>` exists with or without the build, works under torch.compile (fake kernels) and inside
 CUDA graphs (no op synchronises with the host on the CUDA path). The Python functions at the bottom are the
-friendly spelling the model uses.
+friendly spelling the model uses; on tensors off the GPU they run the model's CPU path (cpu.py: transformers'
+numerics at transformers' speed) rather than the reference, which stays the oracle and the registered CPU kernel.
 """
 import glob
 import os
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 # One line per op: (name, schema). Tensor(a!) marks an argument the op writes in place.
 SCHEMAS = [
@@ -149,8 +150,9 @@ KERNEL_SHAPES = {
 
 
 def _dispatch(name, key, *args):
-    if key.is_cuda and (key.dtype not in KERNEL_DTYPES[name]
-                        or not KERNEL_SHAPES.get(name, lambda *a: True)(*args)):
+    if not key.is_cuda:  # the model's CPU path (cpu.py), called directly: transformers' numerics, no dispatcher
+        return getattr(cpu, name)(*args)
+    if key.dtype not in KERNEL_DTYPES[name] or not KERNEL_SHAPES.get(name, lambda *a: True)(*args):
         return getattr(reference, name)(*args)
     return getattr(torch.ops.mixtral_ext, name)(*args)
 

@@ -1,0 +1,163 @@
+"""The model's CPU path: every op with the contract of reference.py, at the speed and memory of transformers.
+
+Why a second implementation and not the reference: the reference is the oracle of the CUDA kernels (float32 math,
+one rounding at the end), and it must stay that, while a bf16 model on the CPU should compute as transformers does,
+which rounds in between. So this module follows transformers' MixtralForCausalLM dtype by dtype: matmuls in the
+model dtype (the CPU's bf16 GEMMs accumulate in float32), RMSNorm and the router softmax in float32 with
+transformers' roundings, attention through scaled_dot_product_attention (float32 softmax, memory linear in the
+prompt, grouped-query heads without copies of K/V), the experts' routing weights applied in float32. In float32 it
+is the reference's math up to summation order (the transformers parity tests hold it to 1e-4). RoPE stays in float32
+(transformers rounds cos/sin to the model dtype first): cheaper than a round trip and never less accurate.
+
+ops.py calls these directly for every tensor that is not on a GPU (no dispatcher in between: 5-16 us per call);
+torch.ops.mixtral_ext.* on the CPU still runs the reference. Ops cost time per call here, so no cast that does
+nothing is issued and each op is spelt with as few tensor ops as its contract allows.
+
+Dimension legend as in reference.py: T tokens, B sequences, S cache length, H hidden, I expert FFN width, E experts,
+k experts per token, Hq / Hkv query / key-value heads, G = Hq / Hkv, D head dim.
+"""
+import torch
+import torch.nn.functional as F
+
+# Queries per block where attention needs an explicit mask (a cached prefix, a sliding window, ragged decode):
+# the boolean and float masks are [block, keys], so memory stays linear in the prompt.
+PREFILL_BLOCK = 512
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """reference.rms_norm: residual += x in the model dtype, the norm in float32, rounded before the weight."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x if x.dtype == torch.float32 else x.float()
+    inv = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [T, 1]
+    normed = xf * inv
+    out = weight * (normed if x.dtype == torch.float32 else normed.to(x.dtype))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache):
+    """reference.rope_kv_append, rotating q and k together (one multiply-add over both) in float32."""
+    T = qkv.shape[0]
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    Hq = qkv.shape[1] // D - 2 * Hkv
+    half = D // 2
+    heads = qkv.view(T, Hq + 2 * Hkv, 2, half)  # each head as its two halves
+    qk = heads[:, :Hq + Hkv]
+    cs = cos_sin[positions].view(T, 1, 2, half)  # [T, 1, (cos, sin), D/2], float32
+    # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); flip swaps the halves, the sign goes on after.
+    rot = qk.flip(2) * cs[:, :, 1:]  # [T, Hq + Hkv, 2, D/2] float32: (x2 sin, x1 sin)
+    rot[:, :, 0].neg_()
+    qk = torch.addcmul(rot, qk, cs[:, :, :1])
+    k = qk[:, Hq:].reshape(T, Hkv, D)
+    k_cache[seq_ids, positions] = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
+    v_cache[seq_ids, positions] = heads[:, Hq + Hkv:].reshape(T, Hkv, D)
+    q = qk[:, :Hq].reshape(T, Hq, D)
+    return q if q.dtype == qkv.dtype else q.to(qkv.dtype)
+
+
+def _visible(q_pos, k_pos, window):
+    """[..., n, L] bool from q_pos [..., n, 1] and k_pos [L]: causal, and inside the window when window > 0."""
+    mask = k_pos <= q_pos
+    if window > 0:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_q, scale, window=0):
+    """reference.attention_prefill through scaled_dot_product_attention, one sequence at a time.
+
+    A prompt with no cached prefix and no window shorter than itself is one causal call; otherwise the queries go
+    in blocks of PREFILL_BLOCK, each against the keys it may see, with an explicit mask. Either way nothing
+    quadratic in the prompt is allocated and K/V are read in place from the cache (strided, not repeated per head).
+    """
+    cu = cu_seqlens_q.tolist()  # prefill only: the host needs the lengths to slice the batch
+    lens = seq_lens_k.tolist()
+    gqa = q.shape[1] != k_cache.shape[2]
+    out = q.new_empty(q.shape) if len(lens) > 1 else None
+    for b, L in enumerate(lens):
+        n = cu[b + 1] - cu[b]
+        if n == 0:
+            continue
+        qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # [1, Hq, n, D]
+        kb = k_cache[b, :L].transpose(0, 1)[None]  # [1, Hkv, L, D]
+        vb = v_cache[b, :L].transpose(0, 1)[None]
+        if L == n and (window <= 0 or window >= n):
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ob = qb.new_empty(qb.shape)
+            for i in range(0, n, PREFILL_BLOCK):
+                j = min(n, i + PREFILL_BLOCK)
+                last = L - n + j - 1  # the last query's position; the first one's is L - n + i
+                lo = max(0, L - n + i - window + 1) if window > 0 else 0
+                q_pos = torch.arange(L - n + i, last + 1, device=q.device)[:, None]
+                mask = _visible(q_pos, torch.arange(lo, last + 1, device=q.device), window)  # [j - i, keys]
+                ob[:, :, i:j] = F.scaled_dot_product_attention(qb[:, :, i:j], kb[:, :, lo:last + 1],
+                                                               vb[:, :, lo:last + 1], attn_mask=mask, scale=scale,
+                                                               enable_gqa=gqa)
+        ob = ob[0].transpose(0, 1)  # [n, Hq, D]
+        if out is None:
+            return ob if ob.is_contiguous() else ob.contiguous()
+        out[cu[b]:cu[b + 1]] = ob
+    return q.new_zeros(q.shape) if out is None else out
+
+
+def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
+    """reference.attention_decode over the valid slots only: the cache is cut at the longest sequence, and each
+    KV head's G query heads go through one scaled_dot_product_attention call as G queries (no causal mask needed:
+    the new token is the last valid slot). A mask is built only for ragged batches and sliding windows."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    L = int(seq_lens.max())  # one scalar read from the CPU tensor; sizes the cut below
+    if L == 0:
+        return q.new_zeros(q.shape)
+    kb = k_cache[:, :L].transpose(1, 2)  # [B, Hkv, L, D], strided views of the cache
+    vb = v_cache[:, :L].transpose(1, 2)
+    qb = q.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]
+    if B == 1 and window <= 0:
+        return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).reshape(B, Hq, D)
+    q_pos = (seq_lens - 1).view(B, 1, 1, 1)
+    mask = _visible(q_pos, torch.arange(L, device=q.device), window)  # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+    # A sequence with seq_lens[b] == 0 sees no key: SDPA leaves NaN there, and the contract says zeros.
+    return o.reshape(B, Hq, D).nan_to_num_(0.0)
+
+
+def moe_route(router_logits, top_k):
+    """reference.moe_route (the same stable sort of the logits, so the same ids and tie rule), in fewer ops."""
+    T, E = router_logits.shape
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    ids = torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k] int64
+    weights = probs.gather(1, ids)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    flat = ids.reshape(-1)  # [T*k], index t*k + s
+    counts = torch.bincount(flat, minlength=E)
+    offsets = counts.new_zeros(E + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    order = torch.sort(flat, stable=True).indices  # stable: tokens stay ascending within an expert
+    token_rows = torch.empty_like(order)
+    token_rows[order] = torch.arange(T * top_k, device=router_logits.device)
+    i32 = torch.int32
+    return (weights, ids.to(i32), counts.to(i32), offsets.to(i32), order.div_(top_k, rounding_mode="floor").to(i32),
+            token_rows.view(T, top_k).to(i32))
+
+
+def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2):
+    """reference.moe_experts with the GEMMs in the model dtype, as transformers: gate/up and down rounded to it,
+    silu(gate) * up in it; each slot's output times its float32 weight, the slots summed in float32, rounded once.
+
+    Loops over the experts that have rows: the offsets are read from the (CPU) tensor once per call.
+    """
+    T, H = x.shape
+    k = token_rows.shape[1]
+    rows = x[sorted_tokens]  # [T*k, H] in expert order
+    out_rows = x.new_empty(rows.shape[0], H)
+    offs = expert_offsets.tolist()
+    for e in range(w13.shape[0]):
+        a, b = offs[e], offs[e + 1]
+        if a == b:
+            continue
+        h = F.linear(rows[a:b], w13[e])  # [n, 2I]: gate, up interleaved by unit
+        torch.mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2[e].t(), out=out_rows[a:b])
+    y = (out_rows[token_rows.view(-1)].view(T, k, H) * topk_weights[:, :, None]).sum(1)  # float32
+    return y if y.dtype == x.dtype else y.to(x.dtype)
