@@ -42,18 +42,18 @@ def rope_kv_append(qkv, positions, seq_ids, cos_sin, k_cache, v_cache):
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     Hq = qkv.shape[1] // D - 2 * Hkv
     half = D // 2
-    heads = qkv.view(T, Hq + 2 * Hkv, 2, half)  # each head as its two halves
-    qk = heads[:, :Hq + Hkv]
-    cs = cos_sin[positions].view(T, 1, 2, half)  # [T, 1, (cos, sin), D/2], float32
+    qk, v = qkv.view(T, Hq + 2 * Hkv, 2, half).split([Hq + Hkv, Hkv], dim=1)  # each head as its two halves
+    # int64 once: indexing converts int32 indices itself, on every use.
+    seq_ids, positions = seq_ids.long(), positions.long()
+    cos, sin = cos_sin.index_select(0, positions).view(T, 2, 1, 1, half).unbind(1)  # [T, 1, 1, D/2] float32 each
     # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); flip swaps the halves, the sign goes on after.
-    rot = qk.flip(2) * cs[:, :, 1:]  # [T, Hq + Hkv, 2, D/2] float32: (x2 sin, x1 sin)
+    rot = qk.flip(2) * sin  # [T, Hq + Hkv, 2, D/2] float32: (x2 sin, x1 sin)
     rot[:, :, 0].neg_()
-    qk = torch.addcmul(rot, qk, cs[:, :, :1])
-    k = qk[:, Hq:].reshape(T, Hkv, D)
-    k_cache[seq_ids, positions] = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
-    v_cache[seq_ids, positions] = heads[:, Hq + Hkv:].reshape(T, Hkv, D)
-    q = qk[:, :Hq].reshape(T, Hq, D)
-    return q if q.dtype == qkv.dtype else q.to(qkv.dtype)
+    q, k = torch.addcmul(rot, qk, cos).split([Hq, Hkv], dim=1)
+    k_cache[seq_ids, positions] = k.reshape(T, Hkv, D) if k.dtype == k_cache.dtype else k.to(k_cache.dtype).view(
+        T, Hkv, D)
+    v_cache[seq_ids, positions] = v.reshape(T, Hkv, D)
+    return q.reshape(T, Hq, D) if q.dtype == qkv.dtype else q.to(qkv.dtype).view(T, Hq, D)
 
 
 def _visible(q_pos, k_pos, window):
@@ -105,14 +105,18 @@ def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_
 def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
     """reference.attention_decode over the valid slots only: the cache is cut at the longest sequence, and each
     KV head's G query heads go through one scaled_dot_product_attention call as G queries (no causal mask needed:
-    the new token is the last valid slot). A mask is built only for ragged batches and sliding windows."""
+    the new token is the last valid slot). A mask is built only for ragged batches and sliding windows, which is
+    why the slots of a shorter sequence up to the longest one must be finite, as for the reference (KVCache zeroes
+    them)."""
     B, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    L = int(seq_lens.max())  # one scalar read from the CPU tensor; sizes the cut below
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    L = int(seq_lens.max()) if B > 1 else int(seq_lens)  # one scalar read of the (CPU) tensor; sizes the cut below
     if L == 0:
         return q.new_zeros(q.shape)
-    kb = k_cache[:, :L].transpose(1, 2)  # [B, Hkv, L, D], strided views of the cache
-    vb = v_cache[:, :L].transpose(1, 2)
+    # [B, Hkv, L, D] views of the caches' first L slots, heads before slots, in one op each (this runs per layer
+    # and step, where every op costs microseconds).
+    kb, vb = (c.as_strided((B, Hkv, L, D), (c.stride(0), c.stride(2), c.stride(1), c.stride(3)), c.storage_offset())
+              for c in (k_cache, v_cache))
     qb = q.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]
     if B == 1 and window <= 0:
         return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).reshape(B, Hq, D)
@@ -126,38 +130,56 @@ def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
 def moe_route(router_logits, top_k):
     """reference.moe_route (the same stable sort of the logits, so the same ids and tie rule), in fewer ops."""
     T, E = router_logits.shape
+    i32 = dict(dtype=torch.int32, device=router_logits.device)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
     ids = torch.sort(router_logits, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k] int64
     weights = probs.gather(1, ids)
     weights /= weights.sum(dim=-1, keepdim=True)
     flat = ids.reshape(-1)  # [T*k], index t*k + s
     counts = torch.bincount(flat, minlength=E)
-    offsets = counts.new_zeros(E + 1)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    offsets = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))  # [E + 1], exclusive prefix sum
     order = torch.sort(flat, stable=True).indices  # stable: tokens stay ascending within an expert
-    token_rows = torch.empty_like(order)
-    token_rows[order] = torch.arange(T * top_k, device=router_logits.device)
-    i32 = torch.int32
-    return (weights, ids.to(i32), counts.to(i32), offsets.to(i32), order.div_(top_k, rounding_mode="floor").to(i32),
-            token_rows.view(T, top_k).to(i32))
+    token_rows = torch.empty(T * top_k, **i32)
+    token_rows[order] = torch.arange(T * top_k, **i32)
+    sorted_tokens = order if top_k == 1 else order.div_(top_k, rounding_mode="floor")
+    return (weights, ids.to(torch.int32), counts.to(torch.int32), offsets, sorted_tokens.to(torch.int32),
+            token_rows.view(T, top_k))
+
+
+def _has_grouped_mm():
+    """Whether torch._grouped_mm runs on the CPU here (torch >= 2.9; older versions lack the op or its CPU kernel)."""
+    try:
+        x = torch.ones(2, 16)
+        return bool(torch._grouped_mm(x, torch.ones(2, 16, 16), offs=torch.tensor([1, 2], dtype=torch.int32))
+                    .eq(16).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_GROUPED_MM = _has_grouped_mm()
 
 
 def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2):
     """reference.moe_experts with the GEMMs in the model dtype, as transformers: gate/up and down rounded to it,
     silu(gate) * up in it; each slot's output times its float32 weight, the slots summed in float32, rounded once.
 
-    Loops over the experts that have rows: the offsets are read from the (CPU) tensor once per call.
+    torch._grouped_mm runs every expert's rows in one call, from the offsets as they are (no host read); where it
+    is missing, a loop over the experts that have rows.
     """
     T, H = x.shape
     k = token_rows.shape[1]
-    rows = x[sorted_tokens]  # [T*k, H] in expert order
-    out_rows = x.new_empty(rows.shape[0], H)
-    offs = expert_offsets.tolist()
-    for e in range(w13.shape[0]):
-        a, b = offs[e], offs[e + 1]
-        if a == b:
-            continue
-        h = F.linear(rows[a:b], w13[e])  # [n, 2I]: gate, up interleaved by unit
-        torch.mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2[e].t(), out=out_rows[a:b])
-    y = (out_rows[token_rows.view(-1)].view(T, k, H) * topk_weights[:, :, None]).sum(1)  # float32
+    rows = x.index_select(0, sorted_tokens)  # [T*k, H] in expert order
+    if _GROUPED_MM:
+        ends = expert_offsets[1:]
+        h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)  # [T*k, 2I]: gate, up interleaved by unit
+        out_rows = torch._grouped_mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2.transpose(1, 2), offs=ends)  # [T*k, H]
+    else:
+        out_rows = x.new_empty(rows.shape[0], H)
+        offs = expert_offsets.tolist()
+        for e in range(w13.shape[0]):
+            a, b = offs[e], offs[e + 1]
+            if a < b:
+                h = F.linear(rows[a:b], w13[e])
+                torch.mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2[e].t(), out=out_rows[a:b])
+    y = (out_rows.index_select(0, token_rows.view(-1)).view(T, k, H) * topk_weights[:, :, None]).sum(1)  # float32
     return y if y.dtype == x.dtype else y.to(x.dtype)
