@@ -124,3 +124,15 @@ def kern(request):
             pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
         pytest.skip(f"emulation extension not built: {emu.status()}")
     return _EmuKernels(emu, int(request.param[3:]))
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def cpu_impl(request, monkeypatch):
+    """For CPU tests that go through mixtral_ext.ops (or the whole model): run them once on the model's CPU path
+    (mixtral_ext/cpu.py, what ops.* runs off the GPU) and once on the reference (the oracle), so both stay held to
+    transformers and the formulas."""
+    import mixtral_ext
+
+    if request.param == "reference":
+        monkeypatch.setattr(mixtral_ext.ops, "cpu", mixtral_ext.reference)
+    return request.param

@@ -48,6 +48,7 @@ class _Module(torch.nn.Module):
     (2, 64, 8, 8, 32, [64, 30], 0),
     (2, 64, 8, 1, 64, [33, 64], 64),
 ])
+@pytest.mark.usefixtures("cpu_impl")
 def test_reference_matches_transformers_eager(B, S, Hq, Hkv, D, lens, window):
     # Imported here, not at module level: a transformers without it must not stop the GPU tests from being collected.
     from transformers.models.mixtral.modeling_mixtral import eager_attention_forward

@@ -69,6 +69,7 @@ def make_inputs(new_lens, prefix_lens, Hq=4, Hkv=2, dtype=torch.float32, device=
     ([1], [0], 0), ([17], [0], 0), ([5, 1, 33], [0, 7, 20], 0), ([9, 40], [3, 0], 4), ([16, 1], [50, 10], 1),
     ([0, 6], [4, 2], 0),
 ])
+@pytest.mark.usefixtures("cpu_impl")
 def test_reference_matches_formula(new_lens, prefix_lens, window):
     q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, seed=len(new_lens) + window)
     scale = D ** -0.5

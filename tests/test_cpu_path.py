@@ -98,6 +98,13 @@ def test_moe_matches_reference(T, E, k, dtype):
         assert_2x_rule(out, ref, low, f"moe_experts bf16 T={T}")
 
 
+def test_moe_route_nonfinite_logits_like_the_reference():
+    logits = torch.tensor([[0.0, float("nan"), 1.0, float("inf")], [float("-inf"), 2.0, float("nan"), float("nan")],
+                           [1.0, 1.0, 1.0, 1.0]])
+    for a, b in zip(cpu.moe_route(logits, 2), reference.moe_route(logits, 2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_rms_norm_and_rope_match_reference():
     g = torch.Generator().manual_seed(5)
     for dtype in (torch.float32, torch.bfloat16):

@@ -60,6 +60,7 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(name):
     hf, _ = hf_checkpoint(name)
@@ -78,6 +79,7 @@ def test_sharded_checkpoint_gives_the_same_logits():
     assert torch.equal(single(ids), sharded(ids))
 
 
+@pytest.mark.usefixtures("cpu_impl")
 def test_tied_embeddings():
     hf = hf_model("mha", tie_word_embeddings=True)
     path = f"{_ROOT}/tied"
@@ -89,6 +91,7 @@ def test_tied_embeddings():
     assert rel_err(model(ids), ref) < 1e-4
 
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("name", ["gqa3_odd", "window"])
 def test_each_decode_step_matches_the_full_forward(name):
     """Prefill two ragged prompts, then decode: the logits of every step equal the full no-cache forward of the

@@ -52,6 +52,7 @@ def eager_low(x, route, w13, w2):
 
 # ---- CPU: the reference -----------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (5, 8, 2), (37, 8, 2), (16, 4, 1), (12, 16, 4)])
 def test_reference_matches_transformers_block(T, E, k):
     from transformers import MixtralConfig
@@ -82,6 +83,7 @@ def test_reference_interleave_is_gate_up_pairs():
     assert torch.equal(w13[:, 0::2], gate_up[:, :3]) and torch.equal(w13[:, 1::2], gate_up[:, 3:])
 
 
+@pytest.mark.usefixtures("cpu_impl")
 def test_reference_skips_empty_experts_and_uses_only_routed_ones():
     """Experts nobody picks never contribute: NaN weights there must not leak into the output."""
     T, E, H, I = 6, 8, 16, 24

@@ -53,6 +53,7 @@ def check_invariants(out, T, E, k):
 
 # ---- CPU: the reference ---------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (7, 8, 2), (33, 8, 1), (64, 16, 2), (129, 8, 2), (50, 64, 4)])
 def test_reference_matches_transformers_router(T, E, k):
     """transformers' MixtralTopKRouter (softmax in fp32, topk, renormalise) on the same hidden states."""

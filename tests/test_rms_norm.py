@@ -15,6 +15,7 @@ def formula(x, w, eps):
     return x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + eps) * w.double()
 
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_matches_formula(shape):
     g = torch.Generator().manual_seed(sum(shape))
@@ -25,6 +26,7 @@ def test_reference_matches_formula(shape):
     torch.testing.assert_close(out.double(), formula(x, w, 1e-5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_fused_residual_is_in_place(shape):
     g = torch.Generator().manual_seed(7 + sum(shape))
@@ -37,6 +39,7 @@ def test_reference_fused_residual_is_in_place(shape):
     torch.testing.assert_close(out.double(), formula(r0 + x, w, 1e-6), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_impl")
 def test_reference_bf16_rounds_like_transformers():
     """In bf16 the normalised value is rounded before the weight multiply (MixtralRMSNorm's cast)."""
     g = torch.Generator().manual_seed(0)

@@ -22,6 +22,7 @@ def make_inputs(T, Hq, Hkv, D, B, S, dtype=torch.float32, device="cpu", seed=0, 
             k_cache.to(dtype=dtype, **to), v_cache.to(dtype=dtype, **to))
 
 
+@pytest.mark.usefixtures("cpu_impl")
 @pytest.mark.parametrize("D,theta", [(128, 1e6), (16, 1e4), (64, 1e6)])
 def test_reference_matches_transformers(D, theta):
     # Imported here, not at module level: a transformers without these must not stop the GPU tests from being
