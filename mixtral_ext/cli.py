@@ -430,7 +430,7 @@ def _backend(device):
 
     if device == "cuda":
         return "CUDA kernels" if HAS_CUDA_KERNELS else "PyTorch reference ops (CUDA extension not built)"
-    return "PyTorch reference ops"
+    return "PyTorch CPU path (mixtral_ext/cpu.py)"
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_
     cu = cu_seqlens_q.tolist()  # prefill only: the host needs the lengths to slice the batch
     lens = seq_lens_k.tolist()
     gqa = q.shape[1] != k_cache.shape[2]
-    out = q.new_empty(q.shape) if len(lens) > 1 else None
+    out = None if len(lens) == 1 and cu[1] - cu[0] == q.shape[0] else q.new_empty(q.shape)
     for b, L in enumerate(lens):
         n = cu[b + 1] - cu[b]
         if n == 0:
@@ -111,6 +111,7 @@ def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
     B, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     L = int(seq_lens.max()) if B > 1 else int(seq_lens)  # one scalar read of the (CPU) tensor; sizes the cut below
+    L = min(L, S)  # the views below must stay inside this layer's cache
     if L == 0:
         return q.new_zeros(q.shape)
     # [B, Hkv, L, D] views of the caches' first L slots, heads before slots, in one op each (this runs per layer
@@ -147,7 +148,8 @@ def moe_route(router_logits, top_k):
 
 
 def _has_grouped_mm():
-    """Whether torch._grouped_mm runs on the CPU here (torch >= 2.9; older versions lack the op or its CPU kernel)."""
+    """Whether torch._grouped_mm runs on the CPU here (torch >= 2.9; older versions lack the op or its CPU kernel).
+    It takes float32, bfloat16 and float16; other dtypes take the loop."""
     try:
         x = torch.ones(2, 16)
         return bool(torch._grouped_mm(x, torch.ones(2, 16, 16), offs=torch.tensor([1, 2], dtype=torch.int32))
@@ -169,7 +171,7 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
     T, H = x.shape
     k = token_rows.shape[1]
     rows = x.index_select(0, sorted_tokens)  # [T*k, H] in expert order
-    if _GROUPED_MM:
+    if _GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         ends = expert_offsets[1:]
         h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)  # [T*k, 2I]: gate, up interleaved by unit
         out_rows = torch._grouped_mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2.transpose(1, 2), offs=ends)  # [T*k, H]

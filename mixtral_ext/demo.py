@@ -2,7 +2,7 @@
 
 `mixtral-ext demo` (cli.py) writes one into a temporary directory and then runs the real path on it: the
 sentencepiece tokenizer (the real Mixtral one, shipped in mixtral_ext/data), the checkpoint loader, the model and
-its kernels (CUDA on a GPU, the PyTorch references elsewhere), streaming generation. The weights are random, so the
+its kernels (CUDA on a GPU, the PyTorch CPU path elsewhere), streaming generation. The weights are random, so the
 text is meaningless; the vocabulary is the real 32000 pieces, so it decodes to real (random) words.
 Tests use it as a small checkpoint as well.
 """

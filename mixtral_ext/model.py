@@ -1,6 +1,6 @@
 """Mixtral-8x7B, read top-down: cache -> model -> block -> attention -> MoE.
 
-Every hot op goes through mixtral_ext.ops (the CUDA kernels on a GPU, the PyTorch references elsewhere); dense
+Every hot op goes through mixtral_ext.ops (the CUDA kernels on a GPU, the CPU path of cpu.py elsewhere); dense
 projections, the router and lm_head are plain F.linear (cuBLAS). Tokens are always packed: a batch is one [T, H]
 matrix whose rows carry their sequence (seq_ids) and position, so ragged prompts need no padding.
 
@@ -73,7 +73,7 @@ class Mixtral(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, progress=True, expert_parallel=False):
         """Load an HF-layout or consolidated-layout checkpoint directory. device defaults to "cpu"; dtype to
-        bfloat16 on a GPU and float32 on the CPU (where the reference ops run).
+        bfloat16 on a GPU and float32 on the CPU.
 
         Under torchrun (WORLD_SIZE > 1) or an initialised default process group of several ranks, every rank loads
         only its shard (parallel.py; "cuda" means cuda:LOCAL_RANK): tensor parallel, or with expert_parallel=True
