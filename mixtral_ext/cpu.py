@@ -19,6 +19,10 @@ k experts per token, Hq / Hkv query / key-value heads, G = Hq / Hkv, D head dim.
 import torch
 import torch.nn.functional as F
 
+# Expert rows from which bf16/fp16 gate/up halves are de-interleaved into contiguous blocks before silu(gate) * up:
+# on every-other-column views silu takes a scalar path, slower in 16-bit types than the copy plus the vector path
+# (measured at 2k rows); in float32, and for the few rows of a decode step, the copy costs more than it saves.
+DEINTERLEAVE_ROWS = 32
 # Queries per block where attention needs an explicit mask (a cached prefix, a sliding window, ragged decode):
 # the boolean and float masks are [block, keys], so memory stays linear in the prompt.
 PREFILL_BLOCK = 512
@@ -161,6 +165,14 @@ def _has_grouped_mm():
 _GROUPED_MM = _has_grouped_mm()
 
 
+def _silu_mul(h):
+    """silu(gate) * up from h [n, 2I] with gate and up interleaved by column (w13's row order). Returns [n, I]."""
+    if h.shape[0] < DEINTERLEAVE_ROWS or h.element_size() > 2:
+        return F.silu(h[:, 0::2]) * h[:, 1::2]
+    gate, up = h.view(h.shape[0], -1, 2).permute(2, 0, 1).contiguous()  # [2, n, I]
+    return F.silu(gate, inplace=True).mul_(up)  # in the copy we own: no new [n, I] buffers to fault in
+
+
 def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2):
     """reference.moe_experts with the GEMMs in the model dtype, as transformers: gate/up and down rounded to it,
     silu(gate) * up in it; each slot's output times its float32 weight, the slots summed in float32, rounded once.
@@ -174,14 +186,13 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
     if _GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         ends = expert_offsets[1:]
         h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)  # [T*k, 2I]: gate, up interleaved by unit
-        out_rows = torch._grouped_mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2.transpose(1, 2), offs=ends)  # [T*k, H]
+        out_rows = torch._grouped_mm(_silu_mul(h), w2.transpose(1, 2), offs=ends)  # [T*k, H]
     else:
         out_rows = x.new_empty(rows.shape[0], H)
         offs = expert_offsets.tolist()
         for e in range(w13.shape[0]):
             a, b = offs[e], offs[e + 1]
             if a < b:
-                h = F.linear(rows[a:b], w13[e])
-                torch.mm(F.silu(h[:, 0::2]) * h[:, 1::2], w2[e].t(), out=out_rows[a:b])
+                torch.mm(_silu_mul(F.linear(rows[a:b], w13[e])), w2[e].t(), out=out_rows[a:b])
     y = (out_rows.index_select(0, token_rows.view(-1)).view(T, k, H) * topk_weights[:, :, None]).sum(1)  # float32
     return y if y.dtype == x.dtype else y.to(x.dtype)
