@@ -240,7 +240,7 @@ def check_device(device):
         why = "this torch build has no CUDA support" if torch.version.cuda is None else \
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver"
         raise RuntimeError(f"device={str(device)!r}: no CUDA GPU is available here ({why}). Use device='cpu' (the "
-                           f"PyTorch reference ops), or pick it at run time: device='cuda' if "
+                           f"PyTorch CPU path), or pick it at run time: device='cuda' if "
                            f"torch.cuda.is_available() else 'cpu'")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise RuntimeError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

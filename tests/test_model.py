@@ -1,5 +1,5 @@
-"""The whole model on the CPU (reference ops) against transformers' MixtralForCausalLM: float32 logits, KV-cache
-consistency (every decode step equals the full forward), ragged batches.
+"""The whole model on the CPU (the CPU path, and the reference ops where marked cpu_impl) against transformers'
+MixtralForCausalLM: float32 logits, KV-cache consistency (every decode step equals the full forward), ragged batches.
 
 The helpers at the top (CONFIGS, hf_checkpoint, ours) are shared with test_generate.py and test_weights.py.
 """
