@@ -152,8 +152,7 @@ def moe_route(router_logits, top_k):
 
 
 def _has_grouped_mm():
-    """Whether torch._grouped_mm runs on the CPU here (torch >= 2.9; older versions lack the op or its CPU kernel).
-    It takes float32, bfloat16 and float16; other dtypes take the loop."""
+    """Whether torch._grouped_mm runs on the CPU here (torch >= 2.9; older versions lack the op or its CPU kernel)."""
     try:
         x = torch.ones(2, 16)
         return bool(torch._grouped_mm(x, torch.ones(2, 16, 16), offs=torch.tensor([1, 2], dtype=torch.int32))
@@ -163,6 +162,15 @@ def _has_grouped_mm():
 
 
 _GROUPED_MM = _has_grouped_mm()
+
+
+def _grouped_mm_takes(w13, w2):
+    """torch._grouped_mm wants 16-byte aligned operands and strides. The expert weights' strides are multiples of H
+    and I (and of 2I, I*H, ...), which also give every activation's row stride; a width that is not (a tensor-parallel
+    shard, a tiny test config) takes the loop."""
+    return (_GROUPED_MM and w13.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(w.data_ptr() % 16 == 0 and all(st * w.element_size() % 16 == 0 for st in w.stride() if st != 1)
+                    for w in (w13, w2)))
 
 
 def _silu_mul(h):
@@ -178,12 +186,12 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
     silu(gate) * up in it; each slot's output times its float32 weight, the slots summed in float32, rounded once.
 
     torch._grouped_mm runs every expert's rows in one call, from the offsets as they are (no host read); where it
-    is missing, a loop over the experts that have rows.
+    is missing or does not take the shapes, a loop over the experts that have rows.
     """
     T, H = x.shape
     k = token_rows.shape[1]
     rows = x.index_select(0, sorted_tokens)  # [T*k, H] in expert order
-    if _GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if _grouped_mm_takes(w13, w2) and x.dtype == w13.dtype:
         ends = expert_offsets[1:]
         h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)  # [T*k, 2I]: gate, up interleaved by unit
         out_rows = torch._grouped_mm(_silu_mul(h), w2.transpose(1, 2), offs=ends)  # [T*k, H]

@@ -70,11 +70,12 @@ def test_attention_prefill_blocks_match_reference(new, prefix, window):
 
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (37, 8, 2), (64, 5, 3), (9, 4, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_matches_reference(T, E, k, dtype):
+@pytest.mark.parametrize("I", [48, 6])  # 6: rows of 12 or 24 bytes, which torch._grouped_mm refuses (the loop)
+def test_moe_matches_reference(T, E, k, dtype, I):
     """Routing is the reference's exactly (ids, permutation, tie rule on low-precision logits); the experts in
     float32 agree to rounding, in bf16 within the 2x rule against the same GEMMs done in bf16 by eager PyTorch."""
     g = torch.Generator().manual_seed(T * E + k)
-    H, I = 32, 48
+    H = 32
     logits = torch.randint(-3, 4, (T, E), generator=g).to(dtype)  # many ties
     got, want = cpu.moe_route(logits, k), reference.moe_route(logits, k)
     for a, b in zip(got, want):
