@@ -31,7 +31,8 @@ endif()
 # .cu files are CUDA sources to the _C target; the emulation target compiles them as C++ through one-line wrappers
 # (source-file LANGUAGE is per directory, not per target). file(CONFIGURE) rewrites a wrapper only when it changes.
 file(GLOB _emu_kernel_sources CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/csrc/kernels/*.cu)
-list(APPEND _emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu ${CMAKE_SOURCE_DIR}/csrc/emu/sm90_selftest.cu)
+list(APPEND _emu_kernel_sources ${CMAKE_SOURCE_DIR}/csrc/emu/selftest.cu ${CMAKE_SOURCE_DIR}/csrc/emu/sm90_selftest.cu
+            ${CMAKE_SOURCE_DIR}/csrc/emu/ptx_selftest.cu)
 set(_emu_wrappers "")
 foreach(_cu IN LISTS _emu_kernel_sources)
   get_filename_component(_stem "${_cu}" NAME_WE)

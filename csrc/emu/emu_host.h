@@ -41,5 +41,7 @@ size_t launch_count();  // launches recorded since reset_stats()
 
 // The runtime's own known-answer kernels (csrc/emu/selftest.cu): runs `name` on the given buffers; false if unknown.
 bool run_selftest(const std::string& name, void* const* bufs, int nbufs, int64_t arg);
+// The PTX wrappers' known-answer kernels (csrc/emu/ptx_selftest.cu, names "ptx_*"); false if unknown.
+bool run_ptx_selftest(const std::string& name, void* const* bufs, int nbufs, int64_t arg);
 
 }  // namespace emu

@@ -212,7 +212,8 @@ void selftest(const std::string& name, const std::vector<at::Tensor>& bufs, int6
     ptrs.push_back(in.back().data_ptr());
   }
   emu::set_arch(80);
-  const bool known = emu::run_selftest(name, ptrs.data(), static_cast<int>(ptrs.size()), arg);
+  const bool known = emu::run_selftest(name, ptrs.data(), static_cast<int>(ptrs.size()), arg) ||
+                     emu::run_ptx_selftest(name, ptrs.data(), static_cast<int>(ptrs.size()), arg);
   TORCH_CHECK(known, "mixtral_ext.emu.selftest: unknown kernel '", name, "' for ", bufs.size(), " buffers");
   throw_if_reported("mixtral_ext.emu.selftest");
   for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(in[i]);
