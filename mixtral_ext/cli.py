@@ -75,7 +75,7 @@ def build_parser():
 
     p = _Parser(prog=PROG, description="Mixtral-8x7B inference with hand-written CUDA kernels.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{generate,chat,demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{generate,chat,demo,bench,doctor}")
 
     def model_args(q, required):
         q.add_argument("--model", required=required, metavar="DIR",
@@ -135,6 +135,12 @@ def build_parser():
     b.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="with --model; default: bf16 on cuda, "
                                                                           "fp32 on cpu")
     b.set_defaults(func=cmd_bench)
+
+    dr = sub.add_parser("doctor", help="the environment, then every op's kernel (GPU, else the CPU emulator) "
+                                       "against the reference; exit status 1 on a failure")
+    dr.add_argument("--emu", action="store_true", help="use the emulator even when a GPU is present")
+    dr.add_argument("--only", action="append", default=None, metavar="OP", help="check only this op; repeatable")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -153,6 +159,12 @@ def _error_line(text):
     rank, world = _launched()
     where = f" (rank {rank} of {world})" if world > 1 else ""
     print(f"{PROG}: error{where}: {text}", file=_ERR[0] or sys.stderr)
+
+
+def cmd_doctor(args):
+    from . import doctor
+
+    return doctor.main(backend="emu" if args.emu else None, only=args.only)
 
 
 def main(argv=None):
