@@ -140,6 +140,8 @@ def build_parser():
                                        "against the reference; exit status 1 on a failure")
     dr.add_argument("--emu", action="store_true", help="use the emulator even when a GPU is present")
     dr.add_argument("--only", action="append", default=None, metavar="OP", help="check only this op; repeatable")
+    dr.add_argument("--emu-arch", type=int, choices=[80, 90], action="append", default=None, metavar="ARCH",
+                    help="with the emulator: the prefill paths of this architecture only (default: 80 and 90)")
     dr.set_defaults(func=cmd_doctor)
     return p
 
@@ -164,7 +166,8 @@ def _error_line(text):
 def cmd_doctor(args):
     from . import doctor
 
-    return doctor.main(backend="emu" if args.emu else None, only=args.only)
+    return doctor.main(backend="emu" if args.emu else None, only=args.only,
+                       emu_archs=tuple(args.emu_arch or (80, 90)))
 
 
 def main(argv=None):

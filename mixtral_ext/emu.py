@@ -22,7 +22,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 @functools.lru_cache(maxsize=None)
 def _load():
     """(loaded?, reason): loads _emu*.so into torch.ops.mixtral_emu once."""
-    found = sorted(glob.glob(os.path.join(_HERE, "_emu*.so")))
+    # MIXTRAL_EXT_EMU_LIBRARY: another build of the library (bench/planted_bugs.py loads its mutants this way).
+    override = os.environ.get("MIXTRAL_EXT_EMU_LIBRARY")
+    found = [override] if override else sorted(glob.glob(os.path.join(_HERE, "_emu*.so")))
     if not found:
         return False, "the emulation extension (_emu*.so) was not built: no C++ compiler at install time, " \
                       "or MIXTRAL_EXT_EMU=0"
