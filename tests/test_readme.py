@@ -48,5 +48,6 @@ def test_skipped_gpu_tests_are_one_summary_line():
     lines = r.stdout.splitlines()
     skip_lines = [line for line in lines if "needs a CUDA GPU" in line]
     n = int(re.search(r"(\d+) skipped", lines[-1]).group(1))
-    assert r.returncode == 0 and n > 1 and skip_lines == [f"{n} skipped: needs a CUDA GPU (pytest -rs lists them)"], \
-        r.stdout
+    # Other skip reasons (e.g. no emulation build on a machine without a C++ compiler) get lines of their own.
+    m = [re.fullmatch(r"(\d+) skipped: needs a CUDA GPU \(pytest -rs lists them\)", line) for line in skip_lines]
+    assert r.returncode == 0 and len(m) == 1 and m[0] and 1 < int(m[0].group(1)) <= n, r.stdout
