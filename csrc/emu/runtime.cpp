@@ -15,7 +15,8 @@
 //   shuffles, votes NO edge: the Programming Guide states no memory ordering for them, only for __syncwarp and the
 //                   block barriers, so a kernel that relies on a shuffle to order shared memory is reported.
 //   atomics         atomic accesses do not race with each other (but do with plain accesses) and create no edge.
-//   cp.async        the bytes land (and are recorded as writes by the waiting thread) at the wait that covers them.
+//   cp.async        the destination is race-checked as a write at issue; the bytes land (and are recorded as writes by
+//                   the waiting thread) at the wait that covers them.
 // Thread t's knowledge of u's clock is max(J[u], vc_t[u]); an earlier access (u, c) happens before t's access iff
 // u == t or c <= that. Two accesses to the same byte, at least one a write, not ordered either way: a race.
 #include "emu_host.h"
@@ -1046,6 +1047,10 @@ void async_copy_global_to_shared(uint32_t dst, const void* src, size_t bytes, si
     report(std::string(what) + " at " + describe_site(site) + ": addresses must be aligned to the copy size " +
            std::to_string(bytes) + " (shared offset " + std::to_string(dst) + ")");
   check_shared_range(dst, bytes, true, site);
+  // The copy may write its destination at any moment from issue to the covering wait, so the destination is
+  // race-checked as a write here too: a refill issued while other threads may still read the old bytes is a race
+  // even though the data itself only lands at the wait.
+  shared_access(dst, bytes, true, false, site);
   AsyncCopy c{dst, std::vector<uint8_t>(bytes, 0), site};
   // The source is read at issue (bounds-checked and counted now); the shared bytes change only at the covering wait.
   if (src_bytes > 0) {
