@@ -81,18 +81,24 @@ def graphs_supported(model):
     forbids. ops.KERNEL_SHAPES is asked about the decode step's own shapes, on meta tensors."""
     if model.device.type != "cuda":
         return False
-    if not all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in ops.OP_NAMES):
+    quantize = getattr(model, "quantize", None)
+    experts_op = "moe_experts_quant" if quantize else "moe_experts"
+    # Only the experts op this model runs counts (a bf16 model does not need the quantized one, and vice versa).
+    used = [name for name in ops.OP_NAMES if name not in ("moe_experts", "moe_experts_quant") or name == experts_op]
+    if not all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in used):
         return False
     cfg, shard = model.config, model.shard  # the shapes this rank runs (all heads and experts in one process)
     meta = dict(device="meta", dtype=model.dtype)
     q = torch.empty(1, shard.q_heads, cfg.head_dim, **meta)  # [B, Hq, D]
     k_cache = torch.empty(1, 1, shard.kv_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
-    E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, shard.inter
+    E, k, H = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size
     x = torch.empty(1, H, **meta)
-    w13, w2 = torch.empty(shard.experts, 2 * I, H, **meta), torch.empty(shard.experts, H, I, **meta)
+    moe = model.layers[0].moe  # every layer's experts have the same shapes (this rank's)
+    experts = (moe.w13, moe.w2) if not quantize else (moe.w13, moe.w13_scale, moe.w2, moe.w2_scale,
+                                                      8 if quantize == "int8" else 4)
     return (ops.KERNEL_SHAPES["attention_decode"](q, k_cache, k_cache)
             and ops.KERNEL_SHAPES["moe_route"](torch.empty(1, E, **meta), k)
-            and ops.KERNEL_SHAPES["moe_experts"](x, None, None, None, None, None, w13, w2))
+            and ops.KERNEL_SHAPES[experts_op](x, None, None, None, None, None, *experts))
 
 
 def decode_state(model, batch, needed, use_graph, fallback=False):

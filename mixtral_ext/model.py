@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from . import quant
 from .config import MixtralConfig
 from .parallel import Shard
 from .reference import rope_cos_sin
@@ -47,14 +48,20 @@ class Batch(NamedTuple):
 
 
 class Mixtral(nn.Module):
-    def __init__(self, cfg: MixtralConfig, device=None, dtype=torch.float32, shard: Shard = None):
+    def __init__(self, cfg: MixtralConfig, device=None, dtype=torch.float32, shard: Shard = None, quantize=None):
+        """quantize: None, "int8" or "int4": the storage of the expert weights (mixtral_ext/quant.py); everything
+        else stays in `dtype`. ValueError for another value, or for int4 with a width not a multiple of 128."""
         super().__init__()
         self.config = cfg
         # This rank's part of the model (parallel.py); the whole model by default. config stays the whole model's.
         self.shard = shard or Shard(cfg)
+        self.quantize = quant.check_mode(quantize)
+        quant.check_width(quantize, cfg.hidden_size, "hidden_size (the input width of the experts' w1 and w3)")
+        quant.check_width(quantize, cfg.intermediate_size, "intermediate_size (the input width of the experts' w2)")
         kw = dict(device=device, dtype=dtype)
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, self.shard, **kw) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.shard, quantize=quantize, **kw)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
         self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
         # float32 whatever the model dtype (transformers computes cos/sin in float32 too); not a buffer, so that
@@ -71,25 +78,30 @@ class Mixtral(nn.Module):
         return self.embed.dtype
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, progress=True, expert_parallel=False):
+    def from_pretrained(cls, path, device=None, dtype=None, progress=True, expert_parallel=False, quantize=None):
         """Load an HF-layout or consolidated-layout checkpoint directory. device defaults to "cpu"; dtype to
-        bfloat16 on a GPU and float32 on the CPU.
+        bfloat16 on a GPU and float32 on the CPU. quantize="int8" or "int4" stores the expert weights quantized
+        (tensor by tensor as they are read; mixtral_ext/quant.py has the formats).
 
         Under torchrun (WORLD_SIZE > 1) or an initialised default process group of several ranks, every rank loads
         only its shard (parallel.py; "cuda" means cuda:LOCAL_RANK): tensor parallel, or with expert_parallel=True
         E/N whole experts per rank. Every rank must then make the same calls with the same inputs."""
         from . import parallel
         from .weights import find_checkpoint, load_checkpoint
+        quant.check_mode(quantize)
         device = parallel.local_device(device or "cpu")
         check_device(device)
         group = parallel.process_group(device)
         if group is not None:
+            if quantize:
+                raise ValueError(f"quantize={quantize!r} with several ranks (torchrun) is not supported yet: each "
+                                 f"rank's loader reads unquantized slices; load on one GPU, or without quantize")
             return parallel.from_pretrained(cls, path, device, dtype, progress, expert_parallel, group)
         _, config_path, _ = find_checkpoint(path)
         cfg = MixtralConfig.from_pretrained(config_path)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        check_fits(cfg, dtype, device)
-        model = cls(cfg, device=device, dtype=dtype)
+        check_fits(cfg, dtype, device, quantize=quantize)
+        model = cls(cfg, device=device, dtype=dtype, quantize=quantize)
         load_checkpoint(path, cfg, dict(model.named_parameters()), progress=progress)
         return model.eval()
 
@@ -166,14 +178,14 @@ class Mixtral(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, shard=None, **kw):
+    def __init__(self, cfg, shard=None, quantize=None, **kw):
         super().__init__()
         shard = shard or Shard(cfg)
         self.eps = cfg.rms_norm_eps
         self.attn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
         self.attention = Attention(cfg, shard, **kw)
         self.ffn_norm = nn.Parameter(torch.empty(cfg.hidden_size, **kw), requires_grad=False)
-        self.moe = MoE(cfg, shard, **kw)
+        self.moe = MoE(cfg, shard, quantize=quantize, **kw)
 
     def forward(self, x, residual, batch, rope, k_cache, v_cache):
         """x: the previous block's output (or the embeddings, with residual None) [T, H]. The fused norm adds it
@@ -214,7 +226,7 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, shard=None, **kw):
+    def __init__(self, cfg, shard=None, quantize=None, **kw):
         super().__init__()
         shard = shard or Shard(cfg)
         self.top_k = cfg.num_experts_per_tok
@@ -222,14 +234,26 @@ class MoE(nn.Module):
         # The router sees all experts; w13/w2 hold this rank's (E/N whole experts, or a 1/N slice of every one).
         E, I, H = shard.experts, shard.inter, cfg.hidden_size
         self.gate = nn.Parameter(torch.empty(cfg.num_local_experts, H, **kw), requires_grad=False)  # the router
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, **kw), requires_grad=False)  # w1, w3 interleaved by row
-        self.w2 = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
+        if quantize is None:
+            self.w13 = nn.Parameter(torch.empty(E, 2 * I, H, **kw), requires_grad=False)  # w1, w3 interleaved by row
+            self.w2 = nn.Parameter(torch.empty(E, H, I, **kw), requires_grad=False)
+            self.w13_scale = self.w2_scale = None
+            return
+        # Quantized (quant.py): int8 [E, 2I, H] or packed int4 [E, 2I, H/2] with float32 scales per row [E, 2I] or
+        # per 128-input group [E, 2I, H/128]; the same row interleave. Scales are float32 whatever the model dtype.
+        store, dev = quant.STORAGE_DTYPE[quantize], kw.get("device")
+        for name, (out, inp) in (("w13", (2 * I, H)), ("w2", (H, I))):
+            q_shape, s_shape = quant.quantized_shapes(quantize, out, inp)
+            setattr(self, name, nn.Parameter(torch.empty(E, *q_shape, dtype=store, device=dev), requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(torch.empty(E, *s_shape, dtype=torch.float32, device=dev),
+                                                        requires_grad=False))
 
     def forward(self, x):
         route = ops.moe_route(F.linear(x, self.gate), self.top_k)  # softmax/top-k/renormalise + expert permutation
         if self.shard.expert_parallel:
             route = self.shard.local_route(route)  # only this rank's experts' contributions
-        return self.shard.all_reduce(ops.moe_experts(x, route, self.w13, self.w2))  # [T, H]
+        y = ops.moe_experts(x, route, self.w13, self.w2, self.w13_scale, self.w2_scale)  # [T, H]
+        return self.shard.all_reduce(y)
 
 
 def check_device(device):
@@ -274,10 +298,12 @@ def host_memory():
     return available, total
 
 
-def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30):
+def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30, quantize=None):
     """Fail before allocating when the weights (plus `headroom` for activations and a small KV cache) exceed the
     free memory of the target: the GPU's (torch.cuda.mem_get_info), or on the CPU the host's (host_memory(): the
-    OOM killer would otherwise end the process without a word). free_bytes/total_bytes override the measurement."""
+    OOM killer would otherwise end the process without a word). free_bytes/total_bytes override the measurement.
+    quantize: the expert weights' format (None, "int8", "int4"), counted at its stored size (quantized bytes plus
+    float32 scales); the error names the quantized formats that would fit."""
     from .weights import param_bytes
     device = torch.device(device)
     if free_bytes is None:
@@ -287,28 +313,38 @@ def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1
             free_bytes, total_bytes = host_memory()
         if free_bytes is None:
             return
-    needed = param_bytes(cfg, dtype)
+    needed = param_bytes(cfg, dtype, quantize)
     if needed + headroom > free_bytes:
         gib = 2.0 ** 30
         total = f" of {total_bytes / gib:.1f} GiB" if total_bytes else ""
-        name = str(dtype).replace("torch.", "")
+        name = str(dtype).replace("torch.", "") + (f", {quantize} experts" if quantize else "")
         head = (f"Mixtral ({cfg.num_hidden_layers} layers, {name}) needs {needed / gib:.1f} GiB for its weights plus "
                 f"{headroom / gib:.1f} GiB headroom, but ")
+        # The quantized formats that would fit, smallest change first (int8 keeps more precision than int4).
+        fitting = []
+        for mode in (quant.MODES[quant.MODES.index(quantize) + 1:] if quantize else quant.MODES):
+            try:
+                need = param_bytes(cfg, dtype, mode)
+            except ValueError:  # int4 with widths that are not a multiple of 128
+                continue
+            if need + headroom <= free_bytes:
+                fitting.append(f"--quantize {mode} (quantize={mode!r}: {need / gib:.1f} GiB)")
+        quantized = f"quantize the expert weights: {' or '.join(fitting)}" if fitting else ""
         if device.type == "cuda":
-            raise ModelTooLargeError(
-                head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. Use a GPU with more memory (an H200 "
-                f"holds Mixtral-8x7B in bf16){_several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)}; int8 "
-                f"expert weights, which would halve the need, are not implemented yet.")
+            hint = (f"{quantized[0].upper()}{quantized[1:]}, or use a GPU with more memory" if fitting else
+                    f"Use a GPU with more memory (an H200 holds Mixtral-8x7B in bf16)"
+                    f"{_several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)}")
+            raise ModelTooLargeError(head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. {hint}.")
         smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
-                   if param_bytes(cfg, d) < needed and param_bytes(cfg, d) + headroom <= free_bytes]
+                   if param_bytes(cfg, d, quantize) < needed and param_bytes(cfg, d, quantize) + headroom <= free_bytes]
         if smaller:
             d, flag = smaller[0]
-            hint = (f"In {str(d).replace('torch.', '')} it needs {param_bytes(cfg, d) / gib:.1f} GiB, which fits: "
-                    f"pass dtype=torch.{str(d).replace('torch.', '')} (mixtral-ext --dtype {flag}).")
+            hint = (f"In {str(d).replace('torch.', '')} it needs {param_bytes(cfg, d, quantize) / gib:.1f} GiB, "
+                    f"which fits: pass dtype=torch.{str(d).replace('torch.', '')} (mixtral-ext --dtype {flag}).")
         else:
-            low = param_bytes(cfg, torch.bfloat16)
+            low = param_bytes(cfg, torch.bfloat16, quantize)
             hint = (f"Even bfloat16 needs {low / gib:.1f} GiB: use a machine with more memory, or a GPU "
-                    f"(device=\"cuda\").")
+                    f"(device=\"cuda\")" + (f", or {quantized}." if fitting else "."))
         raise ModelTooLargeError(head + f"this machine has {free_bytes / gib:.1f} GiB of memory available{total}. "
                                  + hint)
 

@@ -33,6 +33,11 @@ SCHEMAS = [
     # Permuted expert GEMMs (gate/up with fused silu*mul, then down) and the weighted combine in token order.
     ("moe_experts", "moe_experts(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
                     "Tensor sorted_tokens, Tensor token_rows, Tensor w13, Tensor w2) -> Tensor"),
+    # moe_experts with weight-only quantized experts (bits 8: int8 per output row; bits 4: packed int4 per group of
+    # 128 inputs; float32 scales; formats in mixtral_ext/quant.py), dequantized on the fly, float32 accumulation.
+    ("moe_experts_quant", "moe_experts_quant(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
+                          "Tensor sorted_tokens, Tensor token_rows, Tensor w13, Tensor w13_scale, Tensor w2, "
+                          "Tensor w2_scale, int bits) -> Tensor"),
 ]
 OP_NAMES = [name for name, _ in SCHEMAS]
 
@@ -76,6 +81,11 @@ def _(router_logits, top_k):
 
 @torch.library.register_fake("mixtral_ext::moe_experts")
 def _(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("mixtral_ext::moe_experts_quant")
+def _(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w13_scale, w2, w2_scale, bits):
     return torch.empty_like(x)
 
 
@@ -125,6 +135,7 @@ KERNEL_DTYPES = {
     "attention_decode": (_BF16, _F16),
     "moe_route": (_F32, _BF16, _F16),
     "moe_experts": (_BF16, _F16),
+    "moe_experts_quant": (_BF16, _F16),
 }
 
 
@@ -146,6 +157,9 @@ KERNEL_SHAPES = {
     "moe_route": lambda logits, top_k: logits.shape[-1] <= 64 and top_k <= 4,
     "moe_experts": lambda x, *route_w13_w2: (x.shape[-1] % 8 == 0 and route_w13_w2[-1].shape[-1] % 8 == 0
                                             and route_w13_w2[-2].shape[0] <= 64),
+    # Same limits; the arguments after x: the five routing tensors, w13, w13_scale, w2, w2_scale, bits.
+    "moe_experts_quant": lambda x, *rest: (x.shape[-1] % 8 == 0 and rest[5].shape[0] <= 64
+                                           and (rest[7].shape[-1] * (2 if rest[9] == 4 else 1)) % 8 == 0),
 }
 
 
@@ -180,6 +194,15 @@ def moe_route(router_logits, top_k=2):
     return Route(*_dispatch("moe_route", router_logits, router_logits, int(top_k)))
 
 
-def moe_experts(x, route, w13, w2):
-    return _dispatch("moe_experts", x, x, route.topk_weights, route.topk_ids, route.expert_offsets,
-                     route.sorted_tokens, route.token_rows, w13, w2)
+def moe_experts(x, route, w13, w2, w13_scale=None, w2_scale=None):
+    """The experts of a routed batch. Float w13/w2 run moe_experts; quantized ones (int8, or uint8 = packed int4,
+    with their float32 scales; see mixtral_ext/quant.py) run moe_experts_quant."""
+    r = (route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens, route.token_rows)
+    if w13_scale is None and w2_scale is None:
+        return _dispatch("moe_experts", x, x, *r, w13, w2)
+    bits = {torch.int8: 8, torch.uint8: 4}.get(w13.dtype)
+    if bits is None or w13_scale is None or w2_scale is None:
+        raise ValueError(f"moe_experts: quantized experts need int8 or uint8 (packed int4) w13 and both scales; got "
+                         f"w13 {w13.dtype}, w13_scale {'missing' if w13_scale is None else 'given'}, w2_scale "
+                         f"{'missing' if w2_scale is None else 'given'}")
+    return _dispatch("moe_experts_quant", x, x, *r, w13, w13_scale, w2, w2_scale, bits)

@@ -9,6 +9,8 @@ E experts, k experts per token, Hq / Hkv query / key-value heads, D head dim.
 import torch
 import torch.nn.functional as F
 
+from .quant import dequantize
+
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm of x (or of residual + x, in place into residual, when residual is given).
@@ -159,8 +161,59 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
     (w13[e, 2i] = w1[e, i], w13[e, 2i + 1] = w3[e, i]) so one pass yields gate and up of the same unit;
     w2: [E, H, I]. Float32 throughout, the slots summed in slot order, rounded once to x's dtype. Returns [T, H].
     """
+    return _experts(x, topk_weights, expert_offsets, sorted_tokens, token_rows, w13.shape[0],
+                    lambda e: w13[e].float(), lambda e: w2[e].float())
+
+
+def moe_experts_quant(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w13_scale, w2,
+                      w2_scale, bits):
+    """moe_experts with weight-only quantized experts: each active expert's weights are dequantized to float32
+    (quant.dequantize: q * scale) and then multiplied exactly as moe_experts does. The formats (mixtral_ext/quant.py):
+      bits 8: w13 int8 [E, 2I, H], w13_scale float32 [E, 2I]; w2 int8 [E, H, I], w2_scale float32 [E, H]
+      bits 4: w13 uint8 [E, 2I, H/2] (two inputs a byte, input 2j in the low nibble of byte j), w13_scale float32
+              [E, 2I, H/128]; w2 uint8 [E, H, I/2], w2_scale float32 [E, H, I/128]
+    w13's rows interleave w1 and w3 as in moe_experts. Returns [T, H] in x's dtype. ValueError on a format
+    mismatch (bits, dtypes, shapes), naming the tensor.
+    """
+    check_quantized_experts(x, w13, w13_scale, w2, w2_scale, bits)
+    return _experts(x, topk_weights, expert_offsets, sorted_tokens, token_rows, w13.shape[0],
+                    lambda e: dequantize(w13[e], w13_scale[e]), lambda e: dequantize(w2[e], w2_scale[e]))
+
+
+def check_quantized_experts(x, w13, w13_scale, w2, w2_scale, bits):
+    """The shape/dtype contract of moe_experts_quant (the CUDA binding's TORCH_CHECKs say the same)."""
+    if bits not in (8, 4):
+        raise ValueError(f"moe_experts_quant: bits must be 8 (int8) or 4 (packed int4), got {bits}")
+    H = x.shape[-1]
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"moe_experts_quant: w13 and w2 must be [E, rows, packed inputs], got {tuple(w13.shape)} "
+                         f"and {tuple(w2.shape)}")
+    E, two_i = w13.shape[0], w13.shape[1]
+    if two_i % 2:
+        raise ValueError(f"moe_experts_quant: w13 has {two_i} rows, not 2 * I (w1 and w3 interleaved)")
+    I = two_i // 2
+    per_byte = 1 if bits == 8 else 2
+    want = {"w13": (w13, torch.int8 if bits == 8 else torch.uint8, (E, 2 * I, H // per_byte)),
+            "w2": (w2, torch.int8 if bits == 8 else torch.uint8, (E, H, I // per_byte))}
+    if bits == 4:
+        for what, width in (("hidden size H (w13's input width)", H), ("expert width I (w2's input width)", I)):
+            if width % 128:
+                raise ValueError(f"moe_experts_quant: int4 groups 128 inputs per scale, but the {what} is {width}")
+        want["w13_scale"] = (w13_scale, torch.float32, (E, 2 * I, H // 128))
+        want["w2_scale"] = (w2_scale, torch.float32, (E, H, I // 128))
+    else:
+        want["w13_scale"] = (w13_scale, torch.float32, (E, 2 * I))
+        want["w2_scale"] = (w2_scale, torch.float32, (E, H))
+    for name, (t, dtype, shape) in want.items():
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"moe_experts_quant (bits={bits}): {name} must be {dtype} {shape} for x of width {H} "
+                             f"and {E} experts of width {I}; got {t.dtype} {tuple(t.shape)}")
+
+
+def _experts(x, topk_weights, expert_offsets, sorted_tokens, token_rows, E, w13_of, w2_of):
+    """moe_experts' arithmetic with the float32 weights of expert e given by w13_of(e) [2I, H] and w2_of(e) [H, I]
+    (read only for the experts that have rows)."""
     T, H = x.shape
-    E = w13.shape[0]
     rows = x[sorted_tokens.long()].float()  # [T*k, H] in expert order
     out_rows = torch.zeros(rows.shape[0], H, dtype=torch.float32, device=x.device)
     offs = expert_offsets.tolist()
@@ -168,9 +221,9 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
         a, b = offs[e], offs[e + 1]
         if a == b:
             continue
-        h = rows[a:b] @ w13[e].float().t()  # [n, 2I]
+        h = rows[a:b] @ w13_of(e).t()  # [n, 2I]
         act = F.silu(h[:, 0::2]) * h[:, 1::2]  # [n, I]
-        out_rows[a:b] = act @ w2[e].float().t()
+        out_rows[a:b] = act @ w2_of(e).t()
     y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     for s in range(topk_weights.shape[1]):
         y += topk_weights[:, s:s + 1].float() * out_rows[token_rows[:, s].long()]

@@ -19,6 +19,10 @@ Weights are re-laid-out here, once:
   w1/w3    -> moe.w13 [E, 2I, H] interleaved by row: w13[e, 2i] = w1[e, i], w13[e, 2i + 1] = w3[e, i] (the contract
               of ops.moe_experts: one pass over w13 yields the gate and up value of the same unit together)
   w2       -> moe.w2 [E, H, I]
+A model built with quantize="int8" / "int4" holds its experts quantized (moe.w13 / moe.w2 int8 or packed uint8, plus
+moe.w13_scale / moe.w2_scale float32; mixtral_ext/quant.py): each w1/w3/w2 tensor is quantized as it is read (in
+float32, on the target device) and only the quantized values and scales are kept, so no full-precision copy of the
+experts ever exists.
 Every stored tensor's name, shape and dtype is checked against the config; every problem is a CheckpointError
 naming the file and the tensor. Pickled .pth/.bin checkpoints are refused: unpickling can run arbitrary code.
 """
@@ -29,6 +33,8 @@ import re
 import sys
 
 import torch
+
+from .quant import mode_of, quantize
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _CHUNK_BYTES = 128 << 20  # tensors read per opening of a shard (bounds the mapped pages resident at once)
@@ -354,7 +360,7 @@ def expected_tensors(cfg, layout):
             # gate_up_proj[e] = w1[e] rows then w3[e] rows: seen as [E, 2, I, H], w13 as [E, I, 2, H] (its
             # interleaved rows) swapped to [E, 2, I, H], so the copy is one strided view, no temporary.
             out[f"{m}.experts.gate_up_proj"] = (f"{p}.moe.w13", (E, 2 * I, H),
-                                                lambda w: w.view(E, I, 2, H).transpose(1, 2),
+                                                lambda w: w.view(E, I, 2, *w.shape[2:]).transpose(1, 2),
                                                 lambda v: v.view(E, 2, I, H))
             out[f"{m}.experts.down_proj"] = (f"{p}.moe.w2", (E, H, I), whole, None)
         elif layout == "mlx":  # mlx-lm's SwitchGLU: the experts stacked, gate_proj = w1, up_proj = w3, down = w2
@@ -424,7 +430,7 @@ def load_checkpoint(path, cfg, params, progress=True):
                             raise CheckpointError(f"{file}: tensor {name} could not be read ({exc})") from None
                         if transform is not None:
                             value = transform(value)
-                        place(params[param]).copy_(value)
+                        _store(params, param, place, value, file, name)
                         del value
                         bar.update(1)
     finally:
@@ -444,7 +450,8 @@ def load_transformers_state(state, cfg, params):
     """Copy an in-memory transformers MixtralForCausalLM state_dict into `params` (for tests and benchmarks that
     compare against transformers with the same weights, without a round trip through disk). Accepts the per-expert
     names of the checkpoint format and the fused ones of transformers >= 5 (mlp.experts.gate_up_proj [E, 2I, H]
-    = w1 rows then w3 rows, mlp.experts.down_proj [E, H, I])."""
+    = w1 rows then w3 rows, mlp.experts.down_proj [E, H, I]). Quantized expert parameters are filled as
+    load_checkpoint fills them."""
     expected = expected_tensors(cfg, "hf")
     I, E = cfg.intermediate_size, cfg.num_local_experts
     done = set()
@@ -454,15 +461,15 @@ def load_transformers_state(state, cfg, params):
         experts = f"model.layers.{layer}.block_sparse_moe.experts"
         if legacy in expected:
             param, _, place, _ = expected[legacy]
-            place(params[param]).copy_(value)
+            _store(params, param, place, value, "transformers state", name)
             done.add(legacy)
         elif name.endswith(".mlp.experts.gate_up_proj"):
-            w13 = params[f"layers.{layer}.moe.w13"]
-            w13[:, 0::2].copy_(value[:, :I])
-            w13[:, 1::2].copy_(value[:, I:])
+            w13 = f"layers.{layer}.moe.w13"
+            _store(params, w13, lambda p: p[:, 0::2], value[:, :I], "transformers state", name)
+            _store(params, w13, lambda p: p[:, 1::2], value[:, I:], "transformers state", name)
             done.update(f"{experts}.{e}.{w}.weight" for e in range(E) for w in ("w1", "w3"))
         elif name.endswith(".mlp.experts.down_proj"):
-            params[f"layers.{layer}.moe.w2"].copy_(value)
+            _store(params, f"layers.{layer}.moe.w2", lambda p: p, value, "transformers state", name)
             done.update(f"{experts}.{e}.w2.weight" for e in range(E))
         elif not (cfg.tie_word_embeddings and name == "lm_head.weight"):
             raise CheckpointError(f"transformers state: unexpected tensor {name}")
@@ -471,6 +478,26 @@ def load_transformers_state(state, cfg, params):
         raise CheckpointError(f"transformers state: tensor {missing[0]} missing")
     if cfg.tie_word_embeddings:
         params["lm_head"].copy_(params["embed"])
+
+
+def _store(params, param, place, value, file, name):
+    """Copy one stored tensor into its place; into a quantized expert parameter (one with a `<param>_scale` beside
+    it, int8 or packed-int4 uint8) as its quantized values and scales, computed from the value upcast to float32
+    (quant.quantize). Rows are quantized independently, so w1, w3 and w2 quantize tensor by tensor, and a stacked
+    tensor (all experts of a layer in one) expert by expert, which bounds the float32 temporary to one expert."""
+    scale = params.get(param + "_scale")
+    if scale is None:
+        place(params[param]).copy_(value)
+        return
+    target, target_scale = place(params[param]), place(scale)
+    pieces = range(value.shape[0]) if value.dim() >= 3 else [slice(None)]
+    for i in pieces:
+        try:
+            q, s = quantize(value[i], mode_of(params[param]))
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: tensor {name}: {exc}") from None
+        target[i].copy_(q)
+        target_scale[i].copy_(s)
 
 
 def _open(safe_open, file, device):
@@ -496,9 +523,14 @@ def _progress(total, enabled, what):
     return tqdm(total=total, desc=f"loading {what}", unit="tensor")
 
 
-def param_bytes(cfg, dtype):
-    """Bytes of the model's parameters in `dtype` (for the fits-in-memory check)."""
+def param_bytes(cfg, dtype, quantize=None):
+    """Bytes of the model's parameters in `dtype`, with the experts stored as `quantize` (None, "int8", "int4":
+    quantized bytes plus float32 scales) - for the fits-in-memory check."""
+    from .quant import check_width, expert_bytes
     H, I, E, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size,
                      cfg.num_hidden_layers)
-    per_layer = 2 * H + cfg.qkv_size * H + H * cfg.num_attention_heads * cfg.head_dim + E * H + 3 * E * I * H
-    return (L * per_layer + 2 * V * H + H) * torch.empty((), dtype=dtype).element_size()
+    check_width(quantize, H, "hidden_size")
+    check_width(quantize, I, "intermediate_size")
+    size = torch.empty((), dtype=dtype).element_size()
+    per_layer = (2 * H + cfg.qkv_size * H + H * cfg.num_attention_heads * cfg.head_dim + E * H) * size
+    return L * (per_layer + expert_bytes(cfg, quantize, size)) + (2 * V * H + H) * size
