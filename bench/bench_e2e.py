@@ -39,13 +39,15 @@ def expected_experts(E, k, B):
     return E * (1 - ((E - k) / E) ** B)
 
 
-def decode_bytes(cfg, B, ctx):
+def decode_bytes(cfg, B, ctx, quantize=None):
+    """Bytes a bf16 step reads; the experts at their stored size (quantized values + scales with --quantize)."""
+    from mixtral_ext.quant import expert_bytes
     L = cfg.num_hidden_layers
-    H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    H, E, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
     attn = (cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim) * H + E * H
-    experts = expected_experts(E, k, B) * 3 * I * H
+    experts = expected_experts(E, k, B) * expert_bytes(cfg, quantize, 2) / E
     kv = B * (ctx + 1) * cfg.num_key_value_heads * cfg.head_dim * 2
-    return 2 * (L * (attn + experts + kv) + cfg.vocab_size * H)  # bf16
+    return L * (2 * attn + experts + 2 * kv) + 2 * cfg.vocab_size * H  # bf16
 
 
 def prefill_flops(cfg, n):
@@ -111,14 +113,18 @@ def scaled(measure, model, n_layers, full):
     return t_n + (full - n_layers) * per_layer, t_n
 
 
-def random_model(cfg, seed=0):
+def random_model(cfg, seed=0, quantize=None):
     from mixtral_ext import Mixtral
-    model = Mixtral(cfg, device=DEVICE, dtype=torch.bfloat16)
+    model = Mixtral(cfg, device=DEVICE, dtype=torch.bfloat16, quantize=quantize)
     g = torch.Generator(DEVICE).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm"):
                 p.fill_(1.0)
+            elif p.dtype in (torch.int8, torch.uint8):  # quantized experts: any codes (int8 kept in [-127, 127])
+                p.random_(-127 if p.dtype == torch.int8 else 0, 128 if p.dtype == torch.int8 else 256, generator=g)
+            elif name.endswith("_scale"):  # weights of about the bf16 model's spread (std 0.02)
+                p.fill_(0.02 * 3 / (127 if quantize == "int8" else 7))
             else:
                 p.normal_(0.0, 0.02, generator=g)
     return model.eval()
@@ -184,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--probe-seconds", type=float, default=None)
     ap.add_argument("--model", default="mixtral-8x7b", help="a MixtralConfig preset (\"tiny\" for a smoke run)")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantized expert weights")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="start no new measurement after this many seconds (default: 55 with --quick, which runs "
                          "under a 75 s limit in device_check.sh; else none); skipped ones are listed in the JSON")
@@ -199,6 +206,7 @@ def main(argv=None):
     budget = args.budget_seconds if args.budget_seconds is not None else (55.0 if args.quick else None)
     decode_rows, prefill_rows, cmp_rows, errors, skipped = [], [], [], [], []
     results = {"extension": mixtral_ext.EXTENSION_STATUS, "errors": errors, "skipped": skipped,
+               "quantize": args.quantize,
                "benchmarks": {"decode": decode_rows, "prefill": prefill_rows, "vs_transformers": cmp_rows}}
 
     def save():  # after every section, so a crash or the caller's time limit still leaves what was measured
@@ -268,7 +276,7 @@ def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_ro
     # comparison comes afterwards, with this model freed, so an H200 runs all 32 layers.
     cmp_layers = min(full, 2 if args.quick else 4)
     free_bytes, _ = torch.cuda.mem_get_info()
-    layer_bytes = (param_bytes(cfg, torch.bfloat16) - 2 * 2 * cfg.vocab_size * cfg.hidden_size) / full
+    layer_bytes = (param_bytes(cfg, torch.bfloat16, args.quantize) - 2 * 2 * cfg.vocab_size * cfg.hidden_size) / full
     cache_per_layer = 2 * 2 * max(batches) * (max(contexts) + 256) * cfg.num_key_value_heads * cfg.head_dim
     fit = int((free_bytes - 6 * 2 ** 30 - 4 * cfg.vocab_size * cfg.hidden_size) // (layer_bytes + cache_per_layer))
     layers = min(full, args.layers or (2 if args.quick else max(2, min(full, fit))))
@@ -276,7 +284,7 @@ def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_ro
             f"{layers} layers built, timed at {layers} and {max(1, layers // 2)}, extrapolated to {full}")
     print(f"depth: {note} (fits: {fit}); transformers comparison at {cmp_layers} layers")
     results["depth"] = {"layers_built": layers, "note": note, "compare_layers": cmp_layers}
-    model = random_model(dict_replace(cfg, num_hidden_layers=layers))
+    model = random_model(dict_replace(cfg, num_hidden_layers=layers), quantize=args.quantize)
 
     for ctx in contexts:
         for B in batches:
@@ -285,10 +293,11 @@ def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_ro
             if got is None:
                 continue
             ms32 = got[0]
-            roof_ms = decode_bytes(cfg, B, ctx) / (device["copy_gbs"] * 1e9) * 1e3
+            step_bytes = decode_bytes(cfg, B, ctx, args.quantize)
+            roof_ms = step_bytes / (device["copy_gbs"] * 1e9) * 1e3
             row = {"batch": B, "context": ctx, "ms_per_step": ms32, "tok_s": B / ms32 * 1e3,
                    "roofline_tok_s": B / roof_ms * 1e3, "pct_roofline": 100 * roof_ms / ms32,
-                   "GB_per_step": decode_bytes(cfg, B, ctx) / 1e9}
+                   "GB_per_step": step_bytes / 1e9}
             if B == 1:  # what the CUDA graph saves: the same step launched op by op
                 eager = attempt(f"{what} without graph",
                                 lambda: scaled(lambda: time_decode_ours(model, B, ctx, iters, graph=False),
@@ -317,7 +326,7 @@ def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_ro
     model = None
     if hf is not None:
         def ours_like_hf():
-            m = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers))
+            m = random_model(dict_replace(cfg, num_hidden_layers=cmp_layers), quantize=args.quantize)
             load_transformers_state(hf.state_dict(), m.config, dict(m.named_parameters()))
             return m
         model = attempt("our model with transformers' weights", ours_like_hf)
@@ -350,13 +359,14 @@ def _run(args, results, attempt, save, device, decode_rows, prefill_rows, cmp_ro
     del model, hf
     free()
 
-    common.print_table(f"Decode, bf16, {args.model} ({note}); roofline: bytes per step / {device['copy_gbs']} GB/s",
+    fmt = f"bf16, {args.quantize} experts" if args.quantize else "bf16"
+    common.print_table(f"Decode, {fmt}, {args.model} ({note}); roofline: bytes per step / {device['copy_gbs']} GB/s",
                        decode_rows,
                        [("batch", "batch", None), ("context", "context", None), ("ms_per_step", "ms/step", "{:.2f}"),
                         ("tok_s", "tok/s", "{:.1f}"), ("roofline_tok_s", "roofline tok/s", "{:.1f}"),
                         ("pct_roofline", "% roofline", "{:.0f}"), ("GB_per_step", "GB/step", "{:.1f}"),
                         ("eager_ms_per_step", "ms/step without graph", "{:.2f}")])
-    common.print_table(f"Prefill, bf16, one prompt ({note}); roofline: {device['bf16_matmul_tflops']} TFLOP/s",
+    common.print_table(f"Prefill, {fmt}, one prompt ({note}); roofline: {device['bf16_matmul_tflops']} TFLOP/s",
                        prefill_rows,
                        [("tokens", "tokens", None), ("ms", "ms", "{:.1f}"), ("tok_s", "tok/s", "{:.0f}"),
                         ("TFLOP_s", "TFLOP/s", "{:.0f}"), ("pct_matmul", "% matmul rate", "{:.0f}")])

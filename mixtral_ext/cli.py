@@ -6,6 +6,7 @@
     mixtral-ext generate --model DIR --prompt-file prompt.txt --stop "###" --repetition-penalty 1.1
     echo "Hello" | mixtral-ext generate --model DIR --prompt -
     mixtral-ext chat --model DIR                       # multi-turn Instruct chat; EOF (Ctrl-D) or /exit ends it
+    mixtral-ext generate --model DIR --quantize int8 ...   # int8 (or int4) expert weights: 80 GB (40 GB) GPUs
     mixtral-ext bench [--quick]                        # bench/bench_kernels.py and bench/bench_e2e.py (needs a GPU)
     mixtral-ext bench --model DIR                      # prefill and decode tokens/s of a checkpoint, any device
     torchrun --nproc-per-node 2 -m mixtral_ext generate --model DIR ...   # tensor parallel over 2 GPUs
@@ -83,6 +84,12 @@ def build_parser():
         q.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its directory (default: --model)")
         q.add_argument("--expert-parallel", action="store_true",
                        help="under torchrun: E/N whole experts per rank (default: tensor parallel, every expert split)")
+        quantize_arg(q)
+
+    def quantize_arg(q):
+        q.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                       help="store the expert weights as int8 (per output row) or int4 (per 128 inputs), quantized "
+                            "while loading: Mixtral-8x7B then fits an 80 GB (int8) or 40 GB (int4) GPU")
 
     def run_args(q, max_new, seed_help="sampling seed (with T > 0)"):
         q.add_argument("--max-new-tokens", type=_positive_int, default=max_new, metavar="N")
@@ -294,7 +301,7 @@ def _device_dtype(args):
     return device, getattr(torch, _DTYPES[name])
 
 
-def _load(model_dir, tokenizer_path, device, dtype, progress=None, expert_parallel=False):
+def _load(model_dir, tokenizer_path, device, dtype, progress=None, expert_parallel=False, quantize=None):
     """The tokenizer first (cheap, fails fast), then the model (with a progress bar when stderr is a terminal)."""
     from .model import Mixtral
     from .tokenizer import Tokenizer
@@ -309,7 +316,7 @@ def _load(model_dir, tokenizer_path, device, dtype, progress=None, expert_parall
     if progress is None:
         progress = sys.stderr.isatty()
     model = Mixtral.from_pretrained(model_dir, device=device, dtype=dtype, progress=progress,
-                                    expert_parallel=expert_parallel)
+                                    expert_parallel=expert_parallel, quantize=quantize)
     vocab = model.config.vocab_size
     if tok.vocab_size > vocab:
         raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {vocab}: they do "
@@ -455,7 +462,8 @@ def cmd_generate(args):
     if args.system and not args.chat:
         raise ValueError("--system needs --chat")
     prompt = _read_prompt(args)
-    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel)
+    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel,
+                       quantize=args.quantize)
     if model.shard.world > 1:
         from . import parallel
         prompt = parallel.broadcast_object(prompt, model.shard)
@@ -479,7 +487,8 @@ def cmd_generate(args):
 def cmd_chat(args):
     gen_kwargs = _generation_kwargs(args)
     device, dtype = _device_dtype(args)
-    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel)
+    model, tok = _load(args.model, args.tokenizer, device, dtype, expert_parallel=args.expert_parallel,
+                       quantize=args.quantize)
     from .generate import PrefixCache
 
     gen_kwargs["eos_token_id"] = _stop_ids(model, tok, args.model)
@@ -540,17 +549,18 @@ def cmd_demo(args):
         else:
             model_dir, random_weights = tmp, True
             # Stored in the dtype it will run in: half the bytes to write and read on a GPU.
-            cfg = build_tiny_checkpoint(tmp, demo_config(device), seed=0 if args.seed is None else args.seed,
-                                        dtype=dtype)
+            cfg = build_tiny_checkpoint(tmp, demo_config(device, args.quantize),
+                                        seed=0 if args.seed is None else args.seed, dtype=dtype)
             print(f"{PROG} demo: no --model given, so this is a tiny Mixtral with RANDOM weights "
                   f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts, "
                   f"top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), written to a temporary checkpoint.")
         t0 = time.perf_counter()
         model, tok = _load(model_dir, args.tokenizer, device, dtype, progress=False if random_weights else None,
-                           expert_parallel=args.expert_parallel)
+                           expert_parallel=args.expert_parallel, quantize=args.quantize)
         what = "with the real Mixtral tokenizer and loader" if random_weights else f"from {model_dir}"
-        print(f"Loaded in {time.perf_counter() - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')}, "
-              f"{_backend(device)}) {what}.")
+        experts = f", {args.quantize} experts" if args.quantize else ""
+        print(f"Loaded in {time.perf_counter() - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')}"
+              f"{experts}, {_backend(device)}) {what}.")
         if random_weights:
             print("The weights are random, so the generated text is meaningless: this shows the code path, "
                   "not the model. Pass --model DIR for a real checkpoint.")
@@ -592,7 +602,8 @@ def cmd_bench(args):
     status = 0
     for script in scripts:
         print(f"== {os.path.relpath(script)}", flush=True)
-        rc = subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
+        extra = (["--quick"] if args.quick else []) + (["--quantize", args.quantize] if args.quantize else [])
+        rc = subprocess.call([sys.executable, script] + extra)
         if rc:
             print(f"{PROG}: {os.path.basename(script)} exited with status {rc}", file=sys.stderr)
             status = status or rc
@@ -611,7 +622,7 @@ def _bench_model(args):
                          "GPU, without torchrun)")
     device, dtype = _device_dtype(args)
     model = Mixtral.from_pretrained(args.model, device=device, dtype=dtype, progress=sys.stderr.isatty(),
-                                    expert_parallel=args.expert_parallel)
+                                    expert_parallel=args.expert_parallel, quantize=args.quantize)
     cfg, shard = model.config, model.shard
     _check_context(model, args.prompt_tokens, args.new_tokens)
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))

@@ -23,14 +23,15 @@ def tiny_config(**overrides):
     return MixtralConfig.from_name("tiny", **overrides)
 
 
-def demo_config(device):
+def demo_config(device, quantize=None):
     """The demo's model for `device`. On a GPU the CUDA kernels run, and they are specialised for Mixtral's head
     size (128) and grouping (4 query heads per KV head), so the GPU demo keeps those and is small elsewhere: 2 layers,
-    hidden 1024, 8 query / 2 KV heads of 128, 8 experts (top-2) of width 2048."""
+    hidden 1024, 8 query / 2 KV heads of 128, 8 experts (top-2) of width 2048. With quantize="int4" on the CPU the
+    hidden size is 128 instead of 64, since int4 groups 128 inputs per scale."""
     if str(device).startswith("cuda"):
         return tiny_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
                            head_dim=128)
-    return tiny_config()
+    return tiny_config(hidden_size=128, head_dim=32) if quantize == "int4" else tiny_config()
 
 
 def random_weights(cfg, seed=0, dtype=torch.float32, std=0.02):
