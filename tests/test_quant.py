@@ -306,3 +306,13 @@ def test_cli_generate_quantized_matches_library(tmp_path, capsys):  # int4 (the 
 def test_cli_rejects_unknown_quantize(capsys):
     assert cli.main(["demo", "--quantize", "int2"]) == 2
     assert "invalid choice: 'int2'" in capsys.readouterr().err
+
+
+def test_cli_bench_passes_quantize_to_the_e2e_benchmark(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_find_bench_dir", lambda: str(tmp_path))
+    (tmp_path / "bench_kernels.py").write_text("import sys; print('kernels', sys.argv[1:])")
+    (tmp_path / "bench_e2e.py").write_text("import sys; print('e2e', sys.argv[1:])")
+    assert cli.main(["bench", "--quick", "--quantize", "int4"]) == 0
+    out = capfd.readouterr().out
+    assert "kernels ['--quick']" in out and "e2e ['--quick', '--quantize', 'int4']" in out
