@@ -48,7 +48,7 @@ done
 echo "tests: rc=$tests_rc in $(( $(date +%s) - t1 )) s"; grep -E "^(=+ .*(passed|failed).*|TIMED OUT.*|NOT RUN.*)$" "$out/tests.log"
 
 t2=$(date +%s)
-timeout 90 "$py" bench/bench_kernels.py --quick --probe-seconds 10 --json "$out/bench_kernels.json" \
+timeout 105 "$py" bench/bench_kernels.py --quick --probe-seconds 10 --json "$out/bench_kernels.json" \
   > "$out/bench_kernels.log" 2>&1
 kb_rc=$?
 timeout 75 "$py" bench/bench_e2e.py --quick --json "$out/bench_e2e.json" > "$out/bench_e2e.log" 2>&1

@@ -42,7 +42,7 @@ SCHEMAS = [
 OP_NAMES = [name for name, _ in SCHEMAS]
 # Ops without a CUDA kernel in _C yet: on CUDA tensors they run the reference (whose host reads rule out CUDA graphs;
 # generate.graphs_supported then decodes eagerly). tests/test_build.py checks this set against the build both ways.
-REFERENCE_ONLY = {"moe_experts_quant"}
+REFERENCE_ONLY = set()
 
 _lib = torch.library.Library("mixtral_ext", "DEF")
 for _name, _schema in SCHEMAS:
@@ -160,9 +160,10 @@ KERNEL_SHAPES = {
     "moe_route": lambda logits, top_k: logits.shape[-1] <= 64 and top_k <= 4,
     "moe_experts": lambda x, *route_w13_w2: (x.shape[-1] % 8 == 0 and route_w13_w2[-1].shape[-1] % 8 == 0
                                             and route_w13_w2[-2].shape[0] <= 64),
-    # Same limits; the arguments after x: the five routing tensors, w13, w13_scale, w2, w2_scale, bits.
-    "moe_experts_quant": lambda x, *rest: (x.shape[-1] % 8 == 0 and rest[5].shape[0] <= 64
-                                           and (rest[7].shape[-1] * (2 if rest[9] == 4 else 1)) % 8 == 0),
+    # The arguments after x: the five routing tensors, w13, w13_scale, w2, w2_scale, bits. Up to 64 experts; H and I
+    # in whole 16-byte weight vectors (int8: multiples of 16; int4 needs multiples of 128 anyway).
+    "moe_experts_quant": lambda x, *rest: (rest[5].shape[0] <= 64 and x.shape[-1] % 16 == 0
+                                           and (rest[5].shape[1] // 2) % 16 == 0),
 }
 
 

@@ -21,7 +21,13 @@
 // unused rows. Experts with more rows than RMAX loop over chunks, re-streaming their weights: correct for any T,
 // but the large-T path belongs to the tensor-core grouped GEMM. Reduction: butterfly shuffles inside the warp,
 // then the k_split partials summed in warp order through shared memory (fixed order: deterministic bits).
-// Limits: H and I multiples of 8, 16-byte aligned tensors, E <= 64. bf16 and fp16 (fp32 accumulation throughout).
+// Quantized weights (WeightFormat kInt8 / kInt4, moe_decode.h): the same loop over 16-byte weight vectors, which
+// now hold 16 or 32 weights (so half or a quarter of the bytes per row); each is unpacked in registers 8 weights at a
+// time, multiplied by its row's (int8) or its row-and-128-group's (int4) float32 scale - the reference's w = q * s,
+// rounded identically - and fed to the same fp32 FMAs against the matching 8-element activation vector. The scales
+// come through L1 (__ldg): the 16 or 4 lanes that read one row's group share a line.
+// Limits: H and I multiples of 8 (dense), 16 (int8) or 128 (int4), 16-byte aligned tensors, E <= 64. bf16 and fp16
+// activations (fp32 accumulation throughout).
 #include <cstring>
 
 #include "device.cuh"
@@ -42,13 +48,14 @@ static_assert(kRowsPerWarp % 2 == 0, "gate/up pairs must stay within a warp");
 enum class Epilogue { kSiluMul, kStoreF32 };
 
 struct GemvProblem {
-  const void* w;               // [E, N, K]
+  const void* w;               // [E, N, K] (dense / int8) or [E, N, K/2] bytes (int4)
+  const float* scale;          // quantized: [E, N] (int8) or [E, N, K/128] (int4); dense: unused
   const void* a;               // activations [*, K]: x (gathered through `gather`) or inter (row r)
   const int* gather;           // sorted_tokens (GEMV1) or nullptr (GEMV2: row r reads a[r])
   const int* expert_offsets;   // [E + 1]
   void* out;                   // GEMV1: inter [R, N/2] activation dtype; GEMV2: out_rows [R, N] fp32
   int64_t n;                   // output rows of the weight matrix (2I or H), a multiple of kRowsPerWarp
-  int64_t k;                   // reduction length (H or I), a multiple of kVec
+  int64_t k;                   // reduction length (H or I), a multiple of the format's weights per vector
   int experts;
   int k_split;                 // warps sharing one row group along K: 1, 2, 4 or 8
 };
@@ -80,6 +87,32 @@ template <> __device__ __forceinline__ void unpack8<__half>(const uint4& v, floa
   }
 }
 
+// Weights per 16-byte weight vector: 8 (dense bf16/fp16), 16 (int8) or 32 (int4).
+template <WeightFormat F> constexpr int weights_per_vector() {
+  return F == WeightFormat::kDense ? 8 : (F == WeightFormat::kInt8 ? 16 : 32);
+}
+
+// Weights 8j .. 8j + 7 of a weight vector as floats (before the scale). int8: bytes 8j .. 8j + 7 (words 2j, 2j + 1);
+// int4: word j, input 8j + b in bits 4b .. 4b + 3. The shift left then arithmetic shift right sign-extends.
+template <typename T, WeightFormat F>
+__device__ __forceinline__ void unpack_weights(const uint4& v, int J, float (&f)[8]) {
+  if constexpr (F == WeightFormat::kDense) {
+    unpack8<T>(v, f);  // one piece (J == 0)
+  } else {
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+    if constexpr (F == WeightFormat::kInt8) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        f[b] = static_cast<float>(static_cast<int>(u[2 * J] << (24 - 8 * b)) >> 24);
+        f[4 + b] = static_cast<float>(static_cast<int>(u[2 * J + 1] << (24 - 8 * b)) >> 24);
+      }
+    } else {
+#pragma unroll
+      for (int b = 0; b < 8; ++b) f[b] = static_cast<float>(static_cast<int>(u[J] << (28 - 4 * b)) >> 28);
+    }
+  }
+}
+
 // The slot-th nonempty expert (ascending expert index) and its row range; false when fewer are nonempty. Every
 // warp computes it for itself (same answer), so no barrier is needed before a block-uniform early exit.
 __device__ __forceinline__ bool find_active_expert(const int* offsets, int E, int slot, int& e, int& begin,
@@ -103,18 +136,25 @@ __device__ __forceinline__ bool find_active_expert(const int* offsets, int E, in
 // One chunk of ROWS activation rows (nr <= ROWS of them real; the rest duplicate the last and are not stored)
 // against this warp's kRowsPerWarp weight rows starting at n0, in sub-passes of RW rows so that the RW x ROWS
 // accumulators fit in registers. Every thread of the block calls this (barriers inside).
-template <typename T, Epilogue EPI, int ROWS>
-__device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __restrict__ w, int64_t n0,
-                                           bool store, int cs, int nr, float (*s_part)[32]) {
+template <typename T, WeightFormat F, Epilogue EPI, int ROWS>
+__device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __restrict__ w,
+                                           const float* __restrict__ srow, int64_t n0, bool store, int cs, int nr,
+                                           float (*s_part)[32]) {
   // Register budget (<= 128 for two blocks per SM): RW x ROWS accumulators, UNR x RW weight vectors in flight,
   // ROWS activation offsets. Few rows (the decode case): 4 rows x 4 vectors in flight; more rows: fewer.
   constexpr int RW = ROWS <= 4 ? 4 : 2;       // weight rows per sub-pass
-  constexpr int UNR = ROWS <= 2 ? 4 : (ROWS <= 8 ? 2 : 1);  // vectors per weight row in flight per thread
+  // Quantized vectors hold 2 or 4 times the weights (more registers to unpack them, and as many bytes of weights per
+  // vector as ever): from 4 rows up they keep half as many in flight, which ptxas fits without spilling.
+  constexpr int UNR_DENSE = ROWS <= 2 ? 4 : (ROWS <= 8 ? 2 : 1);
+  constexpr int UNR = F == WeightFormat::kDense || ROWS <= 2 ? UNR_DENSE : (UNR_DENSE > 1 ? UNR_DENSE / 2 : 1);
   static_assert(kRowsPerWarp % RW == 0 && RW % 2 == 0 && RW * ROWS <= 32, "sub-pass shape");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int ks = p.k_split;
   const int wk = warp % ks;
-  const int64_t nvec = p.k / kVec;
+  constexpr int EPV = weights_per_vector<F>();
+  constexpr int P = EPV / kVec;  // activation vectors per weight vector
+  const int64_t nvec = p.k / EPV;  // weight vectors per row
+  const int64_t groups = F == WeightFormat::kInt4 ? p.k / kInt4Group : 1;  // scales per row
   const int64_t step = 32 * static_cast<int64_t>(ks);
 
   // Activation rows as 32-bit vector offsets from one base (half the registers of pointers; the binding checks
@@ -125,7 +165,7 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
   for (int r = 0; r < ROWS; ++r) {
     const int rr = cs + (r < nr ? r : nr - 1);
     const unsigned src = p.gather ? static_cast<unsigned>(__ldg(p.gather + rr)) : static_cast<unsigned>(rr);
-    aoff[r] = src * static_cast<unsigned>(nvec);
+    aoff[r] = src * static_cast<unsigned>(p.k / kVec);
   }
 
 #pragma unroll 1
@@ -155,17 +195,32 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
 #pragma unroll
       for (int u = 0; u < UNR; ++u) {
         const int64_t c = c0 + u * step < nvec ? c0 + u * step : nvec - 1;
-        float wf[RW][8];
+        float sc[RW];  // quantized: the scale of each row for this vector's inputs
+        if constexpr (F != WeightFormat::kDense) {
+          const int64_t g = F == WeightFormat::kInt4 ? (c * EPV) / kInt4Group : 0;
 #pragma unroll
-        for (int i = 0; i < RW; ++i) unpack8<T>(wv[u][i], wf[i]);
+          for (int i = 0; i < RW; ++i) sc[i] = __ldg(srow + (sp + i) * groups + g);
+        }
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          float af[8];
-          unpack8<T>(__ldg(abase + aoff[r] + static_cast<unsigned>(c)), af);
+        for (int j = 0; j < P; ++j) {  // fully unrolled: j is a constant, the word indices below are registers
+          float wf[RW][8];
 #pragma unroll
-          for (int i = 0; i < RW; ++i)
+          for (int i = 0; i < RW; ++i) {
+            unpack_weights<T, F>(wv[u][i], j, wf[i]);
+            if constexpr (F != WeightFormat::kDense) {
 #pragma unroll
-            for (int q = 0; q < 8; ++q) acc[i][r] = fmaf(wf[i][q], af[q], acc[i][r]);
+              for (int q = 0; q < 8; ++q) wf[i][q] *= sc[i];
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            float af[8];
+            unpack8<T>(__ldg(abase + aoff[r] + static_cast<unsigned>(c * P + j)), af);
+#pragma unroll
+            for (int i = 0; i < RW; ++i)
+#pragma unroll
+              for (int q = 0; q < 8; ++q) acc[i][r] = fmaf(wf[i][q], af[q], acc[i][r]);
+          }
         }
       }
     }
@@ -212,7 +267,7 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
 
 // Two blocks (16 warps) per SM keep enough weight loads in flight; the 16-row variant (T > 8 only) needs more than
 // 128 registers and settles for one block per SM rather than spilling.
-template <typename T, Epilogue EPI, int RMAX>
+template <typename T, WeightFormat F, Epilogue EPI, int RMAX>
 __global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(GemvProblem p) {
   MX_SHARED(float[kWarps][32], s_part);
   int e, r_begin, r_end;
@@ -225,21 +280,25 @@ __global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(
   // A warp past the last row group redoes the last one (a valid address) without storing, so that every warp of
   // the block reaches the same barriers.
   if (!store) n0 = p.n - kRowsPerWarp;
-  const uint4* w = reinterpret_cast<const uint4*>(static_cast<const T*>(p.w) + (static_cast<int64_t>(e) * p.n + n0) *
-                                                                                 p.k);
+  // Rows are whole 16-byte vectors in every format: nvec of them, each holding weights_per_vector<F>() weights.
+  const int64_t nvec = p.k / weights_per_vector<F>();
+  const uint4* w = static_cast<const uint4*>(p.w) + (static_cast<int64_t>(e) * p.n + n0) * nvec;
+  const float* srow = nullptr;  // the scales of this warp's first row
+  if constexpr (F != WeightFormat::kDense)
+    srow = p.scale + (static_cast<int64_t>(e) * p.n + n0) * (F == WeightFormat::kInt4 ? p.k / kInt4Group : 1);
   for (int cs = r_begin; cs < r_end; cs += RMAX) {
     const int nr = r_end - cs < RMAX ? r_end - cs : RMAX;
     // Compile-time accumulator widths: the smallest that holds nr (block-uniform branch).
     if (nr == 1) {
-      gemv_chunk<T, EPI, 1>(p, w, n0, store, cs, nr, s_part);
+      gemv_chunk<T, F, EPI, 1>(p, w, srow, n0, store, cs, nr, s_part);
     } else if (RMAX == 2 || (RMAX > 2 && nr <= 2)) {
-      if constexpr (RMAX >= 2) gemv_chunk<T, EPI, 2>(p, w, n0, store, cs, nr, s_part);
+      if constexpr (RMAX >= 2) gemv_chunk<T, F, EPI, 2>(p, w, srow, n0, store, cs, nr, s_part);
     } else if (RMAX == 4 || (RMAX > 4 && nr <= 4)) {
-      if constexpr (RMAX >= 4) gemv_chunk<T, EPI, 4>(p, w, n0, store, cs, nr, s_part);
+      if constexpr (RMAX >= 4) gemv_chunk<T, F, EPI, 4>(p, w, srow, n0, store, cs, nr, s_part);
     } else if (RMAX == 8 || (RMAX > 8 && nr <= 8)) {
-      if constexpr (RMAX >= 8) gemv_chunk<T, EPI, 8>(p, w, n0, store, cs, nr, s_part);
+      if constexpr (RMAX >= 8) gemv_chunk<T, F, EPI, 8>(p, w, srow, n0, store, cs, nr, s_part);
     } else {
-      if constexpr (RMAX >= 16) gemv_chunk<T, EPI, 16>(p, w, n0, store, cs, nr, s_part);
+      if constexpr (RMAX >= 16) gemv_chunk<T, F, EPI, 16>(p, w, srow, n0, store, cs, nr, s_part);
     }
   }
 }
@@ -276,35 +335,47 @@ int choose_k_split(int64_t k) {
   return ks;
 }
 
-template <typename T, Epilogue EPI, int RMAX>
+template <typename T, WeightFormat F, Epilogue EPI, int RMAX>
 cudaError_t launch_gemv(const GemvProblem& g, int slots, cudaStream_t stream) {
   const int64_t rows_per_block = static_cast<int64_t>(kWarps / g.k_split) * kRowsPerWarp;
   const dim3 grid(static_cast<unsigned>((g.n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(slots));
-  mixtral::launch(moe_gemv_kernel<T, EPI, RMAX>, grid, kThreads, 0, stream, g);
+  mixtral::launch(moe_gemv_kernel<T, F, EPI, RMAX>, grid, kThreads, 0, stream, g);
   return cudaGetLastError();
 }
 
-template <typename T, Epilogue EPI>
+template <typename T, WeightFormat F, Epilogue EPI>
 cudaError_t launch_gemv_rows(const GemvProblem& g, int64_t tokens, int slots, cudaStream_t stream) {
   // An expert holds at most T rows (a token picks an expert at most once): size the accumulators from T.
-  if (tokens <= 1) return launch_gemv<T, EPI, 1>(g, slots, stream);
-  if (tokens <= 2) return launch_gemv<T, EPI, 2>(g, slots, stream);
-  if (tokens <= 4) return launch_gemv<T, EPI, 4>(g, slots, stream);
-  if (tokens <= 8) return launch_gemv<T, EPI, 8>(g, slots, stream);
-  return launch_gemv<T, EPI, kMaxChunkRows>(g, slots, stream);
+  if (tokens <= 1) return launch_gemv<T, F, EPI, 1>(g, slots, stream);
+  if (tokens <= 2) return launch_gemv<T, F, EPI, 2>(g, slots, stream);
+  if (tokens <= 4) return launch_gemv<T, F, EPI, 4>(g, slots, stream);
+  if (tokens <= 8) return launch_gemv<T, F, EPI, 8>(g, slots, stream);
+  return launch_gemv<T, F, EPI, kMaxChunkRows>(g, slots, stream);
+}
+
+template <typename T, WeightFormat F>
+cudaError_t launch_experts_format(const MoeDecodeParams& p, cudaStream_t stream) {
+  const int64_t rows = p.tokens * p.top_k;
+  const int slots = static_cast<int>(rows < p.experts ? rows : p.experts);
+  // K is split by the bytes of a row, not its length: a quantized row is shorter in memory and needs fewer warps.
+  constexpr int64_t shrink = weights_per_vector<F>() / kVec;
+  GemvProblem g1{p.w13, p.w13_scale, p.x, p.sorted_tokens, p.expert_offsets, p.inter, 2 * p.inter_size, p.hidden,
+                 p.experts, choose_k_split(p.hidden / shrink)};
+  cudaError_t err = launch_gemv_rows<T, F, Epilogue::kSiluMul>(g1, p.tokens, slots, stream);
+  if (err != cudaSuccess) return err;
+  GemvProblem g2{p.w2, p.w2_scale, p.inter, nullptr, p.expert_offsets, p.out_rows, p.hidden, p.inter_size,
+                 p.experts, choose_k_split(p.inter_size / shrink)};
+  return launch_gemv_rows<T, F, Epilogue::kStoreF32>(g2, p.tokens, slots, stream);
 }
 
 template <typename T>
 cudaError_t launch_experts_typed(const MoeDecodeParams& p, cudaStream_t stream) {
-  const int64_t rows = p.tokens * p.top_k;
-  const int slots = static_cast<int>(rows < p.experts ? rows : p.experts);
-  GemvProblem g1{p.w13, p.x, p.sorted_tokens, p.expert_offsets, p.inter, 2 * p.inter_size, p.hidden, p.experts,
-                 choose_k_split(p.hidden)};
-  cudaError_t err = launch_gemv_rows<T, Epilogue::kSiluMul>(g1, p.tokens, slots, stream);
-  if (err != cudaSuccess) return err;
-  GemvProblem g2{p.w2, p.inter, nullptr, p.expert_offsets, p.out_rows, p.hidden, p.inter_size, p.experts,
-                 choose_k_split(p.inter_size)};
-  return launch_gemv_rows<T, Epilogue::kStoreF32>(g2, p.tokens, slots, stream);
+  switch (p.wformat) {
+    case WeightFormat::kDense: return launch_experts_format<T, WeightFormat::kDense>(p, stream);
+    case WeightFormat::kInt8: return launch_experts_format<T, WeightFormat::kInt8>(p, stream);
+    case WeightFormat::kInt4: return launch_experts_format<T, WeightFormat::kInt4>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T>
@@ -320,6 +391,11 @@ cudaError_t launch_combine_typed(const MoeCombineParams& p, cudaStream_t stream)
 cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t stream) {
   if (p.hidden % kVec != 0 || p.inter_size % kVec != 0 || p.hidden <= 0 || p.inter_size <= 0 || p.experts < 1 ||
       p.experts > 64 || p.top_k < 1 || p.tokens < 0)
+    return cudaErrorInvalidValue;
+  // Quantized rows must be whole weight vectors (int8: 16 weights; int4: whole 128-groups) and come with scales.
+  const int64_t multiple = p.wformat == WeightFormat::kInt8 ? 16 : (p.wformat == WeightFormat::kInt4 ? kInt4Group : 8);
+  if (p.hidden % multiple != 0 || p.inter_size % multiple != 0 ||
+      (p.wformat != WeightFormat::kDense && (p.w13_scale == nullptr || p.w2_scale == nullptr)))
     return cudaErrorInvalidValue;
   if (p.tokens == 0) return cudaSuccess;
   switch (p.dtype) {

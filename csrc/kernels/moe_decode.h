@@ -10,21 +10,32 @@ namespace mixtral {
 // the grouped GEMM once that exists). The GEMVs stay correct for any T (they loop over row chunks of an expert).
 constexpr int64_t kMoeDecodeMaxTokens = 64;
 
+// How the expert weights are stored (mixtral_ext/quant.py): dense in the activation dtype; int8 with a float32 scale
+// per output row; or int4, two a byte (input 2j in the low nibble of byte j, 4-bit two's complement), with a float32
+// scale per output row and group of kInt4Group consecutive inputs. Quantized weights are dequantized in registers
+// (w = q * scale in fp32, as the reference does) and accumulated in fp32.
+enum class WeightFormat : int { kDense = 0, kInt8 = 1, kInt4 = 2 };
+constexpr int64_t kInt4Group = 128;
+
 // Rows are the R = T*k (token, slot) pairs in expert-sorted order (moe_route's sorted_tokens / expert_offsets).
 struct MoeDecodeParams {
   const void* x;               // [T, H] token order
   const int* sorted_tokens;    // [R] token of each expert-sorted row
   const int* expert_offsets;   // [E + 1]
-  const void* w13;             // [E, 2I, H] w1/w3 interleaved by row (2i: gate unit i, 2i+1: up unit i)
-  const void* w2;              // [E, H, I]
+  const void* w13;             // [E, 2I, H] w1/w3 interleaved by row (2i: gate unit i, 2i+1: up unit i); int8
+                               // [E, 2I, H] or packed int4 [E, 2I, H/2] bytes with a quantized format
+  const void* w2;              // [E, H, I]; int8 [E, H, I] or packed int4 [E, H, I/2]
+  WeightFormat wformat;        // kDense (the zero value) or a quantized format with the scales below
+  const float* w13_scale;      // quantized only: [E, 2I] (int8) or [E, 2I, H/128] (int4)
+  const float* w2_scale;       // quantized only: [E, H] (int8) or [E, H, I/128] (int4)
   void* inter;                 // [R, I] silu(gate) * up, rounded once to the activation dtype
   float* out_rows;             // [R, H] fp32 w2[e] @ inter[r] (unweighted)
   int64_t tokens;              // T
-  int64_t hidden;              // H, a multiple of 8 (16-byte vectors)
-  int64_t inter_size;          // I, a multiple of 8
+  int64_t hidden;              // H, a multiple of 8 (16-byte vectors); of 16 for int8, of 128 for int4
+  int64_t inter_size;          // I, the same multiple as H
   int top_k;                   // k
   int experts;                 // E <= 64
-  DType dtype;                 // of x, w13, w2, inter: bf16 or fp16
+  DType dtype;                 // of x and inter (and of w13, w2 when dense): bf16 or fp16
 };
 
 // GEMV1 (gate/up + silu*mul -> inter) then GEMV2 (down -> out_rows): two launches.
