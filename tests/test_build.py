@@ -111,7 +111,8 @@ def test_no_local_memory_spills(cuobjdump, built):
 KERNELS = ["rms_norm_kernel", "rope_kv_append_kernel", "attention_decode_kernel", "attention_decode_combine_kernel",
            "attention_prefill_sm80_kernel", "attention_prefill_sm90_kernel", "moe_route_single_kernel",
            "moe_route_count_kernel", "moe_route_scan_kernel", "moe_route_scatter_kernel", "moe_gemv_kernel",
-           "moe_combine_kernel", "moe_gemm_sm80_kernel", "moe_gemm_sm90_kernel", "moe_gather_rows_kernel"]
+           "moe_combine_kernel", "moe_gemm_sm80_kernel", "moe_gemm_sm90_kernel", "moe_gather_rows_kernel",
+           "moe_dequant_kernel"]
 TENSOR_CORE_SM80 = ["attention_prefill_sm80_kernel", "moe_gemm_sm80_kernel"]  # mma.sync: HMMA in every image
 TENSOR_CORE_SM90 = ["attention_prefill_sm90_kernel", "moe_gemm_sm90_kernel"]  # wgmma: HGMMA in the sm_90a image
 

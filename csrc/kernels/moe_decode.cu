@@ -327,6 +327,34 @@ __global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(MoeCombine
   *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + t * p.hidden + h) = packed;
 }
 
+// One thread per 8 consecutive outputs of a row (8 int8 bytes or 4 int4 bytes in, one 16-byte vector out); grid
+// (rows, vector blocks of the row). Streaming: every byte is read and written once.
+template <typename T, WeightFormat F>
+__global__ void __launch_bounds__(kCombineThreads) moe_dequant_kernel(MoeDequantParams p) {
+  const int64_t row = blockIdx.x;
+  const int64_t v = static_cast<int64_t>(blockIdx.y) * kCombineThreads + threadIdx.x;  // 8-output vector of the row
+  if (v * kVec >= p.k) return;
+  uint4 packed = make_uint4(0u, 0u, 0u, 0u);
+  float s;
+  if constexpr (F == WeightFormat::kInt8) {
+    const uint2 b = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(p.q) + row * p.k) + v);
+    packed.x = b.x;
+    packed.y = b.y;
+    s = __ldg(p.scale + row);
+  } else {
+    packed.x = __ldg(reinterpret_cast<const unsigned*>(static_cast<const uint8_t*>(p.q) + row * (p.k / 2)) + v);
+    s = __ldg(p.scale + row * (p.k / kInt4Group) + (v * kVec) / kInt4Group);
+  }
+  float f[8];
+  unpack_weights<T, F>(packed, 0, f);  // the first 8 weights of the vector: exactly the ones loaded
+  T o[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) o[j] = from_float<T>(f[j] * s);
+  uint4 out;
+  memcpy(&out, o, sizeof(out));
+  reinterpret_cast<uint4*>(static_cast<T*>(p.out) + row * p.k)[v] = out;
+}
+
 // Warps splitting K: enough that a long K (I = 14336 in GEMV2) still yields many blocks per active expert, never
 // so many that a warp's slice gets shorter than 2048 elements (8 vectors per lane).
 int choose_k_split(int64_t k) {
@@ -386,7 +414,32 @@ cudaError_t launch_combine_typed(const MoeCombineParams& p, cudaStream_t stream)
   return cudaGetLastError();
 }
 
+template <typename T, WeightFormat F>
+cudaError_t launch_dequant_typed(const MoeDequantParams& p, cudaStream_t stream) {
+  const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
+  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.k + per_block - 1) / per_block));
+  moe_dequant_kernel<T, F><<<grid, kCombineThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t moe_dequantize_launch(const MoeDequantParams& p, cudaStream_t stream) {
+  const bool int8 = p.wformat == WeightFormat::kInt8;
+  if ((!int8 && p.wformat != WeightFormat::kInt4) || p.rows < 0 || p.k <= 0 || p.k % (int8 ? 16 : kInt4Group) != 0 ||
+      p.rows > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kBFloat16:
+      return int8 ? launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt8>(p, stream)
+                  : launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt4>(p, stream);
+    case DType::kFloat16:
+      return int8 ? launch_dequant_typed<__half, WeightFormat::kInt8>(p, stream)
+                  : launch_dequant_typed<__half, WeightFormat::kInt4>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t stream) {
   if (p.hidden % kVec != 0 || p.inter_size % kVec != 0 || p.hidden <= 0 || p.inter_size <= 0 || p.experts < 1 ||

@@ -55,4 +55,19 @@ struct MoeCombineParams {
 // y[t] = round(sum over slots s in order of topk_weights[t, s] * out_rows[token_rows[t, s]]): one launch, no atomics.
 cudaError_t moe_combine_launch(const MoeCombineParams& p, cudaStream_t stream);
 
+// Quantized expert weights expanded to the activation dtype, for the prefill path (the grouped GEMM reads dense
+// tiles): out[r, j] = round(q[r, j] * scale) with the row's (int8) or the row-and-group's (int4) scale - the
+// reference's dequantize, rounded once to dtype.
+struct MoeDequantParams {
+  const void* q;               // [rows, K] int8 or [rows, K/2] packed int4 (rows = E * N of a [E, N, K] matrix)
+  const float* scale;          // [rows] (int8) or [rows, K/128] (int4)
+  void* out;                   // [rows, K] in dtype
+  int64_t rows;
+  int64_t k;                   // K: a multiple of 16 (int8) or 128 (int4)
+  WeightFormat wformat;        // kInt8 or kInt4
+  DType dtype;                 // of out: bf16 or fp16
+};
+
+cudaError_t moe_dequantize_launch(const MoeDequantParams& p, cudaStream_t stream);
+
 }  // namespace mixtral
