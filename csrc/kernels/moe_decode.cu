@@ -418,7 +418,7 @@ template <typename T, WeightFormat F>
 cudaError_t launch_dequant_typed(const MoeDequantParams& p, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
   const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.k + per_block - 1) / per_block));
-  moe_dequant_kernel<T, F><<<grid, kCombineThreads, 0, stream>>>(p);
+  mixtral::launch(moe_dequant_kernel<T, F>, grid, kCombineThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
