@@ -55,9 +55,7 @@ class Mixtral(nn.Module):
         self.config = cfg
         # This rank's part of the model (parallel.py); the whole model by default. config stays the whole model's.
         self.shard = shard or Shard(cfg)
-        self.quantize = quant.check_mode(quantize)
-        quant.check_width(quantize, cfg.hidden_size, "hidden_size (the input width of the experts' w1 and w3)")
-        quant.check_width(quantize, cfg.intermediate_size, "intermediate_size (the input width of the experts' w2)")
+        self.quantize = check_quantize(cfg, quantize)
         kw = dict(device=device, dtype=dtype)
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
         self.layers = nn.ModuleList(Block(cfg, self.shard, quantize=quantize, **kw)
@@ -100,6 +98,7 @@ class Mixtral(nn.Module):
         _, config_path, _ = find_checkpoint(path)
         cfg = MixtralConfig.from_pretrained(config_path)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        check_quantize(cfg, quantize)
         check_fits(cfg, dtype, device, quantize=quantize)
         model = cls(cfg, device=device, dtype=dtype, quantize=quantize)
         load_checkpoint(path, cfg, dict(model.named_parameters()), progress=progress)
@@ -268,6 +267,14 @@ def check_device(device):
                            f"torch.cuda.is_available() else 'cpu'")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise RuntimeError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_quantize(cfg, quantize):
+    """quantize (None, "int8" or "int4") for this config, else a ValueError naming the value or the width."""
+    quant.check_mode(quantize)
+    quant.check_width(quantize, cfg.hidden_size, "hidden_size (the input width of the experts' w1 and w3)")
+    quant.check_width(quantize, cfg.intermediate_size, "intermediate_size (the input width of the experts' w2)")
+    return quantize
 
 
 class ModelTooLargeError(RuntimeError):

@@ -316,3 +316,29 @@ def test_cli_bench_passes_quantize_to_the_e2e_benchmark(tmp_path, monkeypatch, c
     assert cli.main(["bench", "--quick", "--quantize", "int4"]) == 0
     out = capfd.readouterr().out
     assert "kernels ['--quick']" in out and "e2e ['--quick', '--quantize', 'int4']" in out
+
+
+@pytest.mark.parametrize("layout", ["hf-fused", "mlx"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_stacked_expert_layouts_quantize_like_per_expert(layout, mode, tmp_path):
+    """transformers 5's fused experts and mlx-lm's stacked ones (a layer's experts in one tensor) quantize to exactly
+    the values and scales of the per-expert layout."""
+    cfg = MixtralConfig(**CONFIGS["h128_i256_top2"])
+    per_expert = random_weights(cfg, seed=3, std=0.3)
+    write_sharded(str(tmp_path / "per_expert"), cfg, per_expert)
+    stacked, E = dict(per_expert), cfg.num_local_experts
+    for n in range(cfg.num_hidden_layers):
+        m = f"model.layers.{n}.block_sparse_moe"
+        w = {k: torch.stack([stacked.pop(f"{m}.experts.{e}.{k}.weight") for e in range(E)]) for k in ("w1", "w2", "w3")}
+        if layout == "hf-fused":
+            stacked[f"model.layers.{n}.mlp.gate.weight"] = stacked.pop(f"{m}.gate.weight")
+            stacked[f"model.layers.{n}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1)
+            stacked[f"model.layers.{n}.mlp.experts.down_proj"] = w["w2"]
+        else:
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                stacked[f"{m}.switch_mlp.{theirs}.weight"] = w[ours]
+    write_sharded(str(tmp_path / layout), cfg, stacked)
+    got = Mixtral.from_pretrained(str(tmp_path / layout), quantize=mode, progress=False)
+    want = Mixtral.from_pretrained(str(tmp_path / "per_expert"), quantize=mode, progress=False)
+    for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
