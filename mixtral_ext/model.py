@@ -338,9 +338,10 @@ def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1
                 fitting.append(f"--quantize {mode} (quantize={mode!r}: {need / gib:.1f} GiB)")
         quantized = f"quantize the expert weights: {' or '.join(fitting)}" if fitting else ""
         if device.type == "cuda":
-            hint = (f"{quantized[0].upper()}{quantized[1:]}, or use a GPU with more memory" if fitting else
-                    f"Use a GPU with more memory (an H200 holds Mixtral-8x7B in bf16)"
-                    f"{_several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)}")
+            # Several GPUs (tensor parallel) are an option for unquantized weights only (quantize is one process).
+            several = "" if quantize else _several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)
+            hint = f"use a GPU with more memory (an H200 holds Mixtral-8x7B in bf16){several}"
+            hint = f"{quantized[0].upper()}{quantized[1:]}; or {hint}" if fitting else hint[0].upper() + hint[1:]
             raise ModelTooLargeError(head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. {hint}.")
         smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
                    if param_bytes(cfg, d, quantize) < needed and param_bytes(cfg, d, quantize) + headroom <= free_bytes]

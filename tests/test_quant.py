@@ -342,3 +342,10 @@ def test_stacked_expert_layouts_quantize_like_per_expert(layout, mode, tmp_path)
     want = Mixtral.from_pretrained(str(tmp_path / "per_expert"), quantize=mode, progress=False)
     for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_quantize_with_several_ranks_is_refused(checkpoint, monkeypatch):
+    from mixtral_ext import parallel
+    monkeypatch.setattr(parallel, "process_group", lambda device: object())  # as under torchrun
+    with pytest.raises(ValueError, match=r"quantize='int8' with several ranks \(torchrun\) is not supported yet"):
+        Mixtral.from_pretrained(checkpoint[2], quantize="int8", progress=False)
