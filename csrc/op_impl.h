@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention_decode.h"
 #include "attention_prefill.h"
@@ -413,12 +414,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // token_rows [T, k] i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32); w13: [E, 2I, H] (rows 2i / 2i+1 =
 // gate / up of unit i); w2: [E, H, I]. The values of the routing tensors are the caller's contract (moe_route's
 // output): checking them would need a host sync. Returns y [T, H] in x's dtype.
+// Quantized expert weights for the decode GEMVs (moe_experts_quant_impl checks them and passes them on).
+struct MoeQuantArgs {
+  mixtral::WeightFormat wformat = mixtral::WeightFormat::kDense;
+  const float* w13_scale = nullptr;
+  const float* w2_scale = nullptr;
+};
+
+// `quant` (internal, from moe_experts_quant_impl): quantized w13 / w2 already checked there, run on the decode GEMVs.
 template <class Backend>
 at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
                             const at::Tensor& topk_ids,
                             const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
-                            const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2) {
-  constexpr const char* op = "mixtral_ext::moe_experts";
+                            const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2,
+                            const MoeQuantArgs* quant = nullptr) {
+  const char* op = quant ? "mixtral_ext::moe_experts_quant" : "mixtral_ext::moe_experts";
   CHECK_DEVICE_TENSOR(b, op, x);
   for (const at::Tensor* t : {&topk_weights, &topk_ids, &expert_offsets, &sorted_tokens, &token_rows, &w13, &w2})
     TORCH_CHECK(t->device() == x.device(), op, ": every argument must be on x's device ", x.device(), ", got ",
@@ -426,21 +436,23 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": x must be bfloat16 or float16 (float32 runs the reference through ops.py), got ", x.scalar_type());
   CHECK_DIM(op, x, 2);
-  CHECK_DIM(op, w13, 3);
-  CHECK_DIM(op, w2, 3);
-  CHECK_DTYPE(op, w13, x.scalar_type());
-  CHECK_DTYPE(op, w2, x.scalar_type());
   CHECK_CONTIGUOUS(op, x);
-  CHECK_CONTIGUOUS(op, w13);
-  CHECK_CONTIGUOUS(op, w2);
   const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == H, op, ": w13 must be [E, 2I, H] with H = ", H, ", got ",
-              w13.sizes());
-  TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
-              ", ", I, "], got ", w2.sizes());
-  TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
-  TORCH_CHECK(H > 0 && I > 0 && H % 8 == 0 && I % 8 == 0, op, ": H = ", H, " and I = ", I,
-              " must be positive multiples of 8 (16-byte vectors)");
+  if (!quant) {
+    CHECK_DIM(op, w13, 3);
+    CHECK_DIM(op, w2, 3);
+    CHECK_DTYPE(op, w13, x.scalar_type());
+    CHECK_DTYPE(op, w2, x.scalar_type());
+    CHECK_CONTIGUOUS(op, w13);
+    CHECK_CONTIGUOUS(op, w2);
+    TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == H, op, ": w13 must be [E, 2I, H] with H = ", H, ", got ",
+                w13.sizes());
+    TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
+                ", ", I, "], got ", w2.sizes());
+    TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
+    TORCH_CHECK(H > 0 && I > 0 && H % 8 == 0 && I % 8 == 0, op, ": H = ", H, " and I = ", I,
+                " must be positive multiples of 8 (16-byte vectors)");
+  }
   CHECK_DIM(op, topk_weights, 2);
   const int64_t k = topk_weights.size(1);
   TORCH_CHECK(topk_weights.size(0) == T && k >= 1, op, ": topk_weights must be [T, k] = [", T, ", k >= 1], got ",
@@ -478,7 +490,7 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
   // [R, H] unweighted expert outputs
   at::Tensor out_rows = b.empty({R, H}, x.options().dtype(at::kFloat), "out_rows");
   bool done = false;
-  if (b.moe_prefill(T)) {
+  if (!quant && b.moe_prefill(T)) {
     const MoeDeviceAttrs attrs = b.moe_attrs(x);
     mixtral::MoeGroupedGemmParams g{};
     g.x = x.data_ptr();
@@ -512,6 +524,11 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
     d.expert_offsets = expert_offsets.data_ptr<int>();
     d.w13 = w13.data_ptr();
     d.w2 = w2.data_ptr();
+    if (quant) {
+      d.wformat = quant->wformat;
+      d.w13_scale = quant->w13_scale;
+      d.w2_scale = quant->w2_scale;
+    }
     d.inter = inter.data_ptr();
     d.out_rows = out_rows.data_ptr<float>();
     d.tokens = T;
@@ -533,6 +550,91 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
   c.dtype = dt;
   b.check_launch(op, mixtral::moe_combine_launch(c, stream));
   return y;
+}
+
+// ---- moe_experts_quant ------------------------------------------------------------------------------------------
+// Dequantized [E, N, K] weights in x's dtype from int8 q [E, N, K] + scale [E, N], or packed int4 q [E, N, K/2] +
+// scale [E, N, K/128]: the reference's q * scale in fp32, rounded once to dtype (one streaming kernel).
+template <class Backend>
+at::Tensor dequantize_experts(Backend& b, const at::Tensor& q, const at::Tensor& scale, int64_t bits,
+                              const at::Tensor& x, const char* op, const char* name) {
+  const int64_t E = q.size(0), N = q.size(1), K = bits == 8 ? q.size(2) : 2 * q.size(2);
+  at::Tensor out = b.empty({E, N, K}, x.options(), name);
+  mixtral::MoeDequantParams p{};
+  p.q = q.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.rows = E * N;
+  p.k = K;
+  p.wformat = bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4;
+  p.dtype = dtype_tag(x, op, "x");
+  b.check_launch(op, mixtral::moe_dequantize_launch(p, b.stream()));
+  return out;
+}
+
+// moe_experts with weight-only quantized experts (formats: mixtral_ext/quant.py; bits 8 or 4). x: [T, H] bf16/fp16;
+// routing tensors as in moe_experts; bits 8: w13 int8 [E, 2I, H], w13_scale f32 [E, 2I], w2 int8 [E, H, I],
+// w2_scale f32 [E, H]; bits 4: w13 uint8 [E, 2I, H/2], w13_scale f32 [E, 2I, H/128], w2 uint8 [E, H, I/2], w2_scale
+// f32 [E, H, I/128]. The decode regime runs the GEMVs on the quantized bytes, dequantizing in registers. The prefill
+// regime (b.moe_prefill(T)) dequantizes all experts into temporaries in x's dtype and runs moe_experts' grouped
+// GEMM: the tensor-core tiles do not dequantize yet. Cost: a temporary of the bf16 experts' size per call (2.8 GB
+// for a Mixtral layer) and a streaming pass over it (~1 ms per Mixtral layer at 4 TB/s, against ~3.7 ms for the
+// GEMM of a 4096-token prompt).
+template <class Backend>
+at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
+                                  const at::Tensor& topk_ids, const at::Tensor& expert_offsets,
+                                  const at::Tensor& sorted_tokens, const at::Tensor& token_rows,
+                                  const at::Tensor& w13, const at::Tensor& w13_scale, const at::Tensor& w2,
+                                  const at::Tensor& w2_scale, int64_t bits) {
+  constexpr const char* op = "mixtral_ext::moe_experts_quant";
+  CHECK_DEVICE_TENSOR(b, op, x);
+  for (const at::Tensor* t : {&w13, &w13_scale, &w2, &w2_scale})
+    TORCH_CHECK(t->device() == x.device(), op, ": every argument must be on x's device ", x.device(), ", got ",
+                t->device());
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 (int8) or 4 (packed int4), got ", bits);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be bfloat16 or float16 (float32 runs the reference through ops.py), got ", x.scalar_type());
+  CHECK_DIM(op, x, 2);
+  CHECK_DIM(op, w13, 3);
+  CHECK_DIM(op, w2, 3);
+  const at::ScalarType qtype = bits == 8 ? at::kChar : at::kByte;
+  CHECK_DTYPE(op, w13, qtype);
+  CHECK_DTYPE(op, w2, qtype);
+  CHECK_DTYPE(op, w13_scale, at::kFloat);
+  CHECK_DTYPE(op, w2_scale, at::kFloat);
+  for (const at::Tensor* t : {&x, &w13, &w13_scale, &w2, &w2_scale})
+    TORCH_CHECK(t->is_contiguous(), op, ": x, w13, w13_scale, w2 and w2_scale must be contiguous");
+  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  const int64_t per_byte = bits == 8 ? 1 : 2, multiple = bits == 8 ? 16 : mixtral::kInt4Group;
+  TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
+  TORCH_CHECK(H > 0 && I > 0 && H % multiple == 0 && I % multiple == 0, op, ": H = ", H, " and I = ", I,
+              " must be positive multiples of ", multiple, " for ", bits, "-bit weights");
+  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) * per_byte == H, op, ": w13 must be [E, 2I, ", H / per_byte,
+              "] for H = ", H, ", got ", w13.sizes());
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) * per_byte == I, op, ": w2 must be [", E, ", ", H,
+              ", ", I / per_byte, "], got ", w2.sizes());
+  const std::vector<int64_t> s13 = bits == 8 ? std::vector<int64_t>{E, 2 * I}
+                                             : std::vector<int64_t>{E, 2 * I, H / mixtral::kInt4Group};
+  const std::vector<int64_t> s2 = bits == 8 ? std::vector<int64_t>{E, H}
+                                            : std::vector<int64_t>{E, H, I / mixtral::kInt4Group};
+  TORCH_CHECK(w13_scale.sizes() == at::IntArrayRef(s13), op, ": w13_scale must be ", at::IntArrayRef(s13), ", got ",
+              w13_scale.sizes());
+  TORCH_CHECK(w2_scale.sizes() == at::IntArrayRef(s2), op, ": w2_scale must be ", at::IntArrayRef(s2), ", got ",
+              w2_scale.sizes());
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(w13.data_ptr()) | reinterpret_cast<uintptr_t>(w2.data_ptr())) % 16 == 0,
+              op, ": w13 and w2 must be 16-byte aligned");
+  if (b.moe_prefill(T)) {
+    // Prefill: dequantize, then the bf16/fp16 path (which checks the routing tensors).
+    const auto guard = b.guard(x);
+    return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows,
+                            dequantize_experts(b, w13, w13_scale, bits, x, op, "w13_dequant"),
+                            dequantize_experts(b, w2, w2_scale, bits, x, op, "w2_dequant"));
+  }
+  MoeQuantArgs q;
+  q.wformat = bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4;
+  q.w13_scale = w13_scale.data_ptr<float>();
+  q.w2_scale = w2_scale.data_ptr<float>();
+  return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2, &q);
 }
 
 }  // namespace mixtral::binding

@@ -126,6 +126,15 @@ at::Tensor moe_experts_cuda(const at::Tensor& x, const at::Tensor& topk_weights,
   return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2);
 }
 
+at::Tensor moe_experts_quant_cuda(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                  const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
+                                  const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w13_scale,
+                                  const at::Tensor& w2, const at::Tensor& w2_scale, int64_t bits) {
+  CudaBackend b;
+  return moe_experts_quant_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13,
+                                w13_scale, w2, w2_scale, bits);
+}
+
 // @@bindings (each op family adds its entry points above this line, its tensor -> params logic in op_impl.h)
 
 }  // namespace
@@ -137,5 +146,6 @@ TORCH_LIBRARY_IMPL(mixtral_ext, CUDA, m) {
   m.impl("attention_decode", &attention_decode_cuda);
   m.impl("moe_route", &moe_route_cuda);
   m.impl("moe_experts", &moe_experts_cuda);
+  m.impl("moe_experts_quant", &moe_experts_quant_cuda);
   // @@impls (each op family adds its m.impl lines above this line)
 }

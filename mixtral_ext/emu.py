@@ -106,6 +106,13 @@ def moe_experts(x, route, w13, w2, regime="decode", arch=80):
                               route.token_rows, w13, w2, str(regime), int(arch))
 
 
+def moe_experts_quant(x, route, w13, w13_scale, w2, w2_scale, bits, regime="decode", arch=80):
+    """Quantized experts (bits 8: int8, 4: packed int4; formats in quant.py). regime: 'decode' (the GEMVs on the
+    quantized bytes) or 'prefill' (the dequantize kernel, then the arch's grouped GEMM)."""
+    return _ops().moe_experts_quant(x, route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens,
+                                    route.token_rows, w13, w13_scale, w2, w2_scale, int(bits), str(regime), int(arch))
+
+
 # ---- the Hopper part (csrc/emu/sm90*.cpp) ---------------------------------------------------------------------------
 
 def sm90_selftest(name, bufs, args=()):

@@ -65,6 +65,10 @@ class _CudaKernels:
     def moe_experts(self, x, route, w13, w2, regime="auto"):
         return self.ops.moe_experts(x, route, w13, w2)
 
+    def moe_experts_quant(self, x, route, w13, w13_scale, w2, w2_scale, bits, regime="auto"):
+        assert bits == {torch.int8: 8, torch.uint8: 4}[w13.dtype]
+        return self.ops.moe_experts(x, route, w13, w2, w13_scale, w2_scale)
+
 
 class _EmuKernels:
     """The same kernels' source run on the CPU by the emulator (mixtral_ext.emu), sm_`arch` paths."""
@@ -91,6 +95,9 @@ class _EmuKernels:
 
     def moe_experts(self, x, route, w13, w2, regime="decode"):
         return self.emu.moe_experts(x, route, w13, w2, regime=regime, arch=self.arch)
+
+    def moe_experts_quant(self, x, route, w13, w13_scale, w2, w2_scale, bits, regime="decode"):
+        return self.emu.moe_experts_quant(x, route, w13, w13_scale, w2, w2_scale, bits, regime=regime, arch=self.arch)
 
 
 def backend_cases(cuda_cases, emu_cases, emu_archs=(80,)):

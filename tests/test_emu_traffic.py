@@ -59,3 +59,27 @@ def test_moe_decode_reads_active_expert_weights_once(T, H, I, exact):
         assert distinct == active * per_expert, f"{name}: {distinct} bytes read, {active} active experts"
         if exact:
             assert every <= 1.05 * active * per_expert, f"{name}: {every / (active * per_expert):.3f}x"
+
+
+@pytest.mark.parametrize("mode,H,I,exact", [("int8", 2048, 2048, True), ("int4", 2048, 1024, False)])
+def test_moe_decode_quant_reads_active_expert_bytes_once(mode, H, I, exact):
+    """The quantized GEMVs read the packed bytes, not a dequantized copy: distinct bytes are exactly the active
+    experts' int8 (1 byte a weight) or int4 (half a byte) weights. Every load within 5% of them where K has no tail
+    (int8, K = 2048: 128 vectors = 32 lanes x 4 in flight); int4 always has one at T = 1 (a 16-byte vector holds 32
+    weights, so the K-split keeps nvec below lanes x k_split x 4), where lanes reload their last vector (L2 hits on
+    a GPU, not DRAM bytes)."""
+    from mixtral_ext import quant
+
+    T, E, k = 1, 8, 2
+    w13, w2 = make_weights(E, H, I, torch.float32, "cpu", 3)
+    (q13, s13), (q2, s2) = quant.quantize(w13, mode), quant.quantize(w2, mode)
+    route = ref_route(torch.randn(T, E, generator=torch.Generator().manual_seed(5)), k)
+    active = len(set(route.topk_ids.flatten().tolist()))
+    per_weight = 1 if mode == "int8" else 0.5
+    emu.reset_stats()
+    emu.moe_experts_quant(torch.randn(T, H).bfloat16(), route, q13, s13, q2, s2, 8 if mode == "int8" else 4)
+    for name, per_expert in (("w13", int(2 * I * H * per_weight)), ("w2", int(H * I * per_weight))):
+        every, distinct = _buffer_reads(name)
+        assert distinct == active * per_expert, f"{mode} {name}: {distinct} bytes read, {active} active experts"
+        if exact:
+            assert every <= 1.05 * active * per_expert, f"{mode} {name}: {every / (active * per_expert):.3f}x"

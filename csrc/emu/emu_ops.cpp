@@ -201,6 +201,29 @@ at::Tensor moe_experts_emu(const at::Tensor& x, const at::Tensor& topk_weights, 
   return y.clone();
 }
 
+// regime: "decode" (the GEMVs on the quantized bytes) or "prefill" (dequantize kernel, then the arch's grouped GEMM;
+// declining is an error). bits: 8 (int8) or 4 (packed int4).
+at::Tensor moe_experts_quant_emu(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                 const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
+                                 const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w13_scale,
+                                 const at::Tensor& w2, const at::Tensor& w2_scale, int64_t bits,
+                                 const std::string& regime, int64_t arch) {
+  constexpr const char* op = "mixtral_ext.emu.moe_experts_quant";
+  TORCH_CHECK(regime == "decode" || regime == "prefill", op, ": regime must be 'decode' or 'prefill', got '", regime,
+              "'");
+  const std::lock_guard<std::mutex> lock(g_mu);
+  RegionScope region;
+  EmuBackend b{region, check_arch(op, arch)};
+  b.moe_prefill_path = regime == "prefill";
+  at::Tensor y = moe_experts_quant_impl(
+      b, region.copy_in(x, "x"), region.copy_in(topk_weights, "topk_weights"), region.copy_in(topk_ids, "topk_ids"),
+      region.copy_in(expert_offsets, "expert_offsets"), region.copy_in(sorted_tokens, "sorted_tokens"),
+      region.copy_in(token_rows, "token_rows"), region.copy_in(w13, "w13"), region.copy_in(w13_scale, "w13_scale"),
+      region.copy_in(w2, "w2"), region.copy_in(w2_scale, "w2_scale"), bits);
+  throw_if_reported(op);
+  return y.clone();
+}
+
 // ---- the runtime's own known-answer kernels ---------------------------------------------------------------------
 void selftest(const std::string& name, const std::vector<at::Tensor>& bufs, int64_t arg) {
   const std::lock_guard<std::mutex> lock(g_mu);
@@ -244,6 +267,9 @@ TORCH_LIBRARY(mixtral_emu, m) {
         "Tensor)", &moe_route_emu);
   m.def("moe_experts(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, Tensor sorted_tokens, "
         "Tensor token_rows, Tensor w13, Tensor w2, str regime, int arch) -> Tensor", &moe_experts_emu);
+  m.def("moe_experts_quant(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_offsets, "
+        "Tensor sorted_tokens, Tensor token_rows, Tensor w13, Tensor w13_scale, Tensor w2, Tensor w2_scale, int bits, "
+        "str regime, int arch) -> Tensor", &moe_experts_quant_emu);
   m.def("selftest(str name, Tensor(a!)[] bufs, int arg) -> ()", &selftest);
   m.def("stats() -> str", &stats);
   m.def("reset_stats() -> ()", &reset_stats);
