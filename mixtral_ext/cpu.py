@@ -204,3 +204,14 @@ def moe_experts(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_
                 torch.mm(_silu_mul(F.linear(rows[a:b], w13[e])), w2[e].t(), out=out_rows[a:b])
     y = (out_rows.index_select(0, token_rows.view(-1)).view(T, k, H) * topk_weights[:, :, None]).sum(1)  # float32
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def moe_experts_quant(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w13_scale, w2,
+                      w2_scale, bits):
+    """Weight-only int8 / int4 experts (quant.py formats): the reference's arithmetic, which dequantizes each active
+    expert to float32 as it is used (never a dequantized copy of every expert). Not yet transformers' bf16 roundings:
+    transformers has no such format to match, and the quantized CPU model is tested against its dequantized twin."""
+    from . import reference
+
+    return reference.moe_experts_quant(x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13,
+                                       w13_scale, w2, w2_scale, bits)
