@@ -290,8 +290,8 @@ def load_shard(path, cfg, params, shard, progress=True):
     slice of whole heads is permuted on its own."""
     from safetensors import safe_open
 
-    from .weights import (_CHUNK_BYTES, _FLOAT_DTYPES, CheckpointError, _interleaved_to_rotate_half, _open,
-                          _progress, expected_tensors, find_checkpoint)
+    from .weights import (_CHUNK_BYTES, CheckpointError, _interleaved_to_rotate_half, _open, _progress,
+                          check_header_entry, expected_tensors, find_checkpoint)
 
     layout, _, files = find_checkpoint(path, announce=False)  # from_pretrained announced the choice (rank 0)
     expected = expected_tensors(cfg, layout)
@@ -336,23 +336,9 @@ def load_shard(path, cfg, params, shard, progress=True):
     for file in files:  # first pass: every header entry checked before any data is read
         with _open(safe_open, file, device) as f:
             for name in f.keys():
-                if name in optional:
-                    continue
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout Mixtral "
-                                          f"with this config)")
-                if name in seen:
-                    raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
-                sl = f.get_slice(name)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != expected[name][1]:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} "
-                                          f"from the config")
-                if dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of "
-                                          f"{sorted(_FLOAT_DTYPES)}")
-                seen[name] = os.path.basename(file)
-                reads.append((file, name, torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize))
+                nbytes = check_header_entry(f, file, name, expected, optional, seen, layout)
+                if nbytes is not None:
+                    reads.append((file, name, nbytes))
     missing = [name for name in expected if name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

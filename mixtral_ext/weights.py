@@ -376,6 +376,27 @@ def expected_tensors(cfg, layout):
     return out
 
 
+
+def check_header_entry(f, file, name, expected, optional, seen, layout):
+    """Checks one tensor of an open safetensors file against the config before any data is read: its name
+    (expected, not seen in an earlier file), shape and dtype; records it in `seen`. Returns its stored size in
+    bytes, or None for an optional tensor this config does not use. CheckpointError names the file and tensor."""
+    if name in optional:
+        return None
+    if name not in expected:
+        raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout Mixtral with this "
+                              f"config)")
+    if name in seen:
+        raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
+    sl = f.get_slice(name)
+    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+    if shape != expected[name][1]:
+        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} from the config")
+    if dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of {sorted(_FLOAT_DTYPES)}")
+    seen[name] = os.path.basename(file)
+    return torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize
+
 def load_checkpoint(path, cfg, params, progress=True):
     """Stream every tensor of the checkpoint in `path` into `params` ({parameter name: pre-allocated tensor}, on
     the target device and dtype). Raises CheckpointError on any missing, unexpected, duplicated, misshapen or
@@ -394,23 +415,9 @@ def load_checkpoint(path, cfg, params, progress=True):
             chunks, chunk, chunk_bytes = [], [], 0
             with _open(safe_open, file, device) as f:
                 for name in f.keys():
-                    if name in optional:
+                    nbytes = check_header_entry(f, file, name, expected, optional, seen, layout)
+                    if nbytes is None:
                         continue
-                    if name not in expected:
-                        raise CheckpointError(f"{file}: unexpected tensor {name} (not part of a {layout}-layout "
-                                              f"Mixtral with this config)")
-                    if name in seen:
-                        raise CheckpointError(f"{file}: tensor {name} appears again (already in {seen[name]})")
-                    sl = f.get_slice(name)
-                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                    if shape != expected[name][1]:
-                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {expected[name][1]} "
-                                              f"from the config")
-                    if dtype not in _FLOAT_DTYPES:
-                        raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, expected one of "
-                                              f"{sorted(_FLOAT_DTYPES)}")
-                    seen[name] = os.path.basename(file)
-                    nbytes = torch.Size(shape).numel() * _FLOAT_DTYPES[dtype].itemsize
                     if chunk and chunk_bytes + nbytes > _CHUNK_BYTES:
                         chunks.append(chunk)
                         chunk, chunk_bytes = [], 0
