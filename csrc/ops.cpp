@@ -16,6 +16,13 @@
 
 #include "op_impl.h"
 
+#ifndef MIXTRAL_EXT_ARCH_LIST
+#define MIXTRAL_EXT_ARCH_LIST "unknown"
+#endif
+// Read from the file by `mixtral-ext doctor` (no GPU needed): the architectures this library was compiled for.
+extern "C" __attribute__((used, visibility("default"))) const char mixtral_ext_arch_list[] =
+    "mixtral_ext_arch_list=" MIXTRAL_EXT_ARCH_LIST;
+
 namespace {
 
 using namespace mixtral::binding;

@@ -99,6 +99,10 @@ class _Cuda:
                     os.environ["MIXTRAL_EXT_DECODE_SPLITS"] = old
         path.pop("path", None)
         path.pop("regime", None)
+        if op == "moe_experts_quant":  # the friendly spelling takes the quantized weights with their scales
+            x, route, w13, w13_scale, w2, w2_scale, _bits = args
+            args = (x, route, w13, w2, w13_scale, w2_scale)
+            op = "moe_experts"
         out = getattr(self.ops, op)(*args, **path)
         torch.cuda.synchronize()
         return out
@@ -211,6 +215,22 @@ def _check_moe(be, T, regime, arch=80, skew=False):
     return _rule(out.cpu(), ref, _moe_low(x, route, w13, w2))
 
 
+def _check_moe_quant(be, T, regime, mode, arch=80, skew=False):
+    """Quantized experts (quant.py formats) against the dequantize reference; the low-precision baseline is eager
+    bf16 on the dequantized weights. H = 384, I = 256: int4 needs multiples of 128."""
+    from . import quant
+
+    x, route, w13, w2 = _moe_inputs(T, H=384, I=256, seed=5, skew=skew)
+    (q13, s13), (q2, s2) = quant.quantize(w13, mode), quant.quantize(w2, mode)
+    bits = 8 if mode == "int8" else 4
+    ref = reference.moe_experts_quant(x.float(), *route[:2], *route[3:], q13, s13, q2, s2, bits)
+    d13, d2 = quant.dequantize(q13, s13).bfloat16(), quant.dequantize(q2, s2).bfloat16()
+    dev = type(route)(*(t.to(be.device) for t in route))
+    out = be.call("moe_experts_quant", x.to(be.device), dev, q13.to(be.device), s13.to(be.device), q2.to(be.device),
+                  s2.to(be.device), bits, regime=regime, arch=arch)
+    return _rule(out.cpu(), ref, _moe_low(x, route, d13, d2))
+
+
 def _attn_low(qf, kf, vf, mask, scale):
     """Eager attention in the low dtype: matmuls in it, softmax in fp32 rounded back. qf [n,Hq,D], kf/vf [L,Hq,D]."""
     s = torch.einsum("qhd,khd->hqk", qf, kf) * scale
@@ -275,6 +295,12 @@ def checks(backend, arch, emu_archs=(80, 90)):
         ("moe_experts", "decode GEMVs (T=1)", lambda be: _check_moe(be, 1, "decode", arch), "moe_gemv_kernel"),
         ("moe_experts", "decode GEMVs (T=3, one expert)", lambda be: _check_moe(be, 3, "decode", arch, True),
          "moe_gemv_kernel"),
+        ("moe_experts_quant", "int8 decode GEMVs (T=1)", lambda be: _check_moe_quant(be, 1, "decode", "int8", arch),
+         "moe_gemv_kernel"),
+        ("moe_experts_quant", "int4 decode GEMVs (T=5, one expert)",
+         lambda be: _check_moe_quant(be, 5, "decode", "int4", arch, True), "moe_gemv_kernel"),
+        ("moe_experts_quant", "int4 prefill dequant+GEMM (T=80)",
+         lambda be: _check_moe_quant(be, 80, "prefill", "int4", arch, True), "moe_dequant_kernel"),
         ("attention_decode", "auto splits", lambda be: _check_decode(be, 0, 0, arch), "attention_decode_kernel"),
         ("attention_decode", "3 splits, window 50", lambda be: _check_decode(be, 3, 50, arch),
          "attention_decode_combine_kernel"),
@@ -391,16 +417,16 @@ def environment():
 
 
 def _built_archs():
-    """The sm_XX targets compiled into _C, from torch's own record of the extension (None if unknown)."""
+    """The architectures compiled into _C, from the marker string the build writes into it (csrc/ops.cpp,
+    MIXTRAL_EXT_ARCH_LIST); None if unknown. (Scanning the file for "sm_NN" finds the CUDA runtime's own strings.)"""
     try:
         import glob
 
         so = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so"))
         if not so:
             return None
-        data = open(so[0], "rb").read()
-        found = sorted({m.decode() for m in re.findall(rb"sm_\d+a?", data)})
-        return ", ".join(found) or None
+        m = re.search(rb"mixtral_ext_arch_list=([0-9a-z ]+)\x00", open(so[0], "rb").read())
+        return ", ".join(f"sm_{a}" for a in m.group(1).decode().split()) if m else None
     except OSError:
         return None
 
