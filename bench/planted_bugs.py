@@ -129,6 +129,13 @@ MUTANTS = [
       "moe_experts"),
     M("gemm_gate_up", "moe_gemm_common.cuh", "  const float v0 = silu_mul(g0, u0);", "  const float v0 = silu_mul(u0, g0);",
       "gate and up swapped in the GEMM1 epilogue", "moe_experts", tu="moe_gemm_sm80.cu"),
+    # quantized decode GEMVs (moe_experts_quant)
+    M("quant_int4_nibbles", "moe_decode.cu", "static_cast<int>(u[J] << (28 - 4 * b)) >> 28",
+      "static_cast<int>(u[J] << (28 - 4 * (b ^ 1))) >> 28", "int4 nibbles of a byte swapped", "moe_experts_quant"),
+    M("quant_int8_unsigned", "moe_decode.cu", "static_cast<int>(u[2 * J] << (24 - 8 * b)) >> 24",
+      "static_cast<int>((u[2 * J] << (24 - 8 * b)) >> 24)", "int8 sign extension dropped", "moe_experts_quant"),
+    M("quant_int4_group", "moe_decode.cu", "(c * EPV) / kInt4Group : 0;", "0 : 0;",
+      "int4 scale of group 0 for every input", "moe_experts_quant"),
 ]
 
 TEST_FILES = {"rms_norm": "test_rms_norm.py", "rope_kv_append": "test_rope.py", "moe_route": "test_moe_route.py",
