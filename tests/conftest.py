@@ -143,3 +143,16 @@ def cpu_impl(request, monkeypatch):
     if request.param == "reference":
         monkeypatch.setattr(mixtral_ext.ops, "cpu", mixtral_ext.reference)
     return request.param
+
+
+@pytest.fixture
+def emu_built():
+    """For tests of the emulation build: skips without it, fails instead under MIXTRAL_EXT_REQUIRE_BUILD=1 (CI)."""
+    import os
+
+    from mixtral_ext import emu
+
+    if not emu.available():
+        if os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1":
+            pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
+        pytest.skip(f"emulation extension not built: {emu.status()}")

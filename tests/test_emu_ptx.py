@@ -16,22 +16,13 @@ registers in and out, and every layout fact is written here, from the PTX ISA, n
 Skipped when the emulation extension is not built, unless MIXTRAL_EXT_REQUIRE_BUILD=1 (CI), which makes them fail.
 """
 import math
-import os
 
 import pytest
 import torch
 
 from mixtral_ext import emu
 
-REQUIRED = os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _built():
-    if not emu.available():
-        if REQUIRED:
-            pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
-        pytest.skip(f"emulation extension not built: {emu.status()}")
+pytestmark = pytest.mark.usefixtures("emu_built")
 
 
 def _u16(t):

@@ -13,16 +13,10 @@ import torch
 
 from mixtral_ext import emu
 
-REQUIRED = os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1"
 SELFTEST = os.path.join(os.path.dirname(__file__), "..", "csrc", "emu", "selftest.cu")
 
 
-@pytest.fixture(autouse=True)
-def _built():
-    if not emu.available():
-        if REQUIRED:
-            pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
-        pytest.skip(f"emulation extension not built: {emu.status()}")
+pytestmark = pytest.mark.usefixtures("emu_built")
 
 
 def _line(marker):

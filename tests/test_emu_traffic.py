@@ -2,7 +2,6 @@
 attention_decode reads each visible K/V byte once, whatever the split count and window; the MoE decode GEMVs read
 only the active experts' weights, each byte once (every load instruction counted, not just distinct bytes, at
 widths where the K loop has no tail), as the issue's decode budget asks (ratio <= 1.05)."""
-import os
 
 import pytest
 import torch
@@ -11,15 +10,7 @@ from mixtral_ext import emu
 from test_attention_decode import make_inputs
 from test_moe_experts import make_weights, ref_route
 
-REQUIRED = os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _built():
-    if not emu.available():
-        if REQUIRED:
-            pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
-        pytest.skip(f"emulation extension not built: {emu.status()}")
+pytestmark = pytest.mark.usefixtures("emu_built")
 
 
 def _buffer_reads(name):
