@@ -73,9 +73,9 @@ def depth(model, n):
 
 
 def time_decode_ours(model, B, ctx, iters, graph=True):
-    from mixtral_ext.generate import decode_state, graphs_supported
+    from mixtral_ext.generate import graphs_supported
     with torch.inference_mode():  # as in generate(), which creates and reuses these states in inference mode
-        state = decode_state(model, B, ctx + 2, use_graph=graph and graphs_supported(model))
+        state = model.generation.decode_state(model, B, ctx + 2, use_graph=graph and graphs_supported(model))
         state.cache.k.normal_()
         state.cache.v.normal_()
         state.positions.fill_(ctx)

@@ -10,14 +10,17 @@ static device tensors DecodeState.tokens / .positions; sampling runs eagerly on 
 looks at the tokens only every `sync_every` steps to see whether every sequence has stopped (each step when
 streaming, which must hand the tokens over anyway). Elsewhere the same step runs eagerly.
 
-Logits processing follows transformers' order: repetition penalty, then (sampling only) temperature, top-k, top-p.
+Logits processing follows transformers' order: repetition penalty, then (sampling only) temperature, top-k, top-p;
+the settings travel as one SamplingConfig. What generate() keeps on a model between calls (the caches, the CUDA
+graphs, a failed capture's error) is its GenerationState, model.generation.
 """
+import dataclasses
 import warnings
+from typing import Optional
 
 import torch
 
 from . import ops, parallel
-from .model import KVCache
 
 
 _CAPTURE_STREAMS = {}  # CUDA device index -> the stream decode steps are captured on
@@ -28,14 +31,14 @@ class DecodeState:
 
     def __init__(self, model, batch, length, use_graph):
         dev = model.device
-        self.cache = KVCache(model.config, batch, length, dev, model.dtype, kv_heads=model.shard.kv_heads)
+        self.cache = model.new_cache(batch, length)
         self.length = length
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)  # [B] the token each sequence feeds next
         self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)  # [B] its slot in the cache
         self.seq_ids = torch.arange(batch, dtype=torch.int32, device=dev)  # [B] decode: sequence b is cache row b
         self.graph, self.logits = None, None
         # The weights' addresses, which a captured graph has baked in: model.to(), .half() or swapped layers move
-        # them, and then this state must not be replayed (decode_state builds a new one).
+        # them, and then this state must not be replayed (GenerationState.decode_state builds a new one).
         self.weights = weights_key(model)
         if use_graph:
             self._capture(model)
@@ -101,48 +104,100 @@ def graphs_supported(model):
             and ops.KERNEL_SHAPES[experts_op](x, None, None, None, None, None, *experts))
 
 
-def decode_state(model, batch, needed, use_graph, fallback=False):
-    """The model's DecodeState for this batch size, reused while its cache is long enough. fallback: a failed
-    capture gives eager steps (with a warning, and no further capture attempts on this model) instead of the
-    error."""
-    if needed > model.config.max_position_embeddings:  # the rope table's rows: a later position would index past it
-        raise ValueError(f"a decode state for {needed} positions exceeds max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
-    states = model._decode_states
-    state = states.get(batch)
-    if (state is not None and state.length >= needed and (state.graph is not None) == use_graph
-            and state.weights == weights_key(model)):
-        return state
-    states.pop(batch, None)
-    state = None
-    length = needed
-    if model.device.type == "cuda":  # round up so later calls with slightly longer prompts reuse the graph
-        length = min(-(-needed // 256) * 256, model.config.max_position_embeddings)
-    try:
-        state = _new_state(model, batch, length, use_graph, fallback)
-    except torch.cuda.OutOfMemoryError:
+class GenerationState:
+    """What generate() keeps on one model between calls (model.generation): per batch size B, a DecodeState (that
+    batch's static KV cache, its step inputs and, on a GPU, its captured decode step), reused while its cache is long
+    enough and the weights have not moved; and the error of a failed CUDA-graph capture, after which generate()
+    decodes this model with eager steps without trying to capture again (use_cuda_graph=None).
+
+    The model is passed to each method rather than kept here (the model holds this object)."""
+
+    def __init__(self):
+        self.states = {}  # B -> DecodeState
+        self.capture_error = None  # "ExceptionType: message" of the capture that failed, or None
+
+    def release(self):
+        """Free the caches and CUDA graphs (model.release_cache()). A capture error stays: the model still fails it."""
+        self.states.clear()
+
+    def decode_state(self, model, batch, needed, use_graph, fallback=False):
+        """The DecodeState for `batch` sequences of up to `needed` positions, reused while its cache is long
+        enough. fallback: a failed capture gives eager steps (with a warning, and no further capture attempts on
+        this model) instead of the error. ValueError when needed exceeds max_position_embeddings."""
+        if needed > model.config.max_position_embeddings:  # the rope table's rows: a later position would index past
+            raise ValueError(f"a decode state for {needed} positions exceeds max_position_embeddings="
+                             f"{model.config.max_position_embeddings}")
+        state = self.states.get(batch)
+        if (state is not None and state.length >= needed and (state.graph is not None) == use_graph
+                and state.weights == weights_key(model)):
+            return state
+        self.states.pop(batch, None)
         state = None
-    if state is None:
-        # Retried outside the except block: the exception's traceback holds the half-built state's tensors.
-        states.clear()  # other batch sizes' caches are what is in the way
-        torch.cuda.empty_cache()
-        state = _new_state(model, batch, length, use_graph, fallback)
-    states[batch] = state
-    return state
+        length = needed
+        if model.device.type == "cuda":  # round up so later calls with slightly longer prompts reuse the graph
+            length = min(-(-needed // 256) * 256, model.config.max_position_embeddings)
+        try:
+            state = self.new_state(model, batch, length, use_graph, fallback)
+        except torch.cuda.OutOfMemoryError:
+            state = None
+        if state is None:
+            # Retried outside the except block: the exception's traceback holds the half-built state's tensors.
+            self.states.clear()  # other batch sizes' caches are what is in the way
+            torch.cuda.empty_cache()
+            state = self.new_state(model, batch, length, use_graph, fallback)
+        self.states[batch] = state
+        return state
 
-
-def _new_state(model, batch, length, use_graph, fallback):
-    try:
-        return DecodeState(model, batch, length, use_graph)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError as exc:
-        if not (use_graph and fallback):
+    def new_state(self, model, batch, length, use_graph, fallback):
+        """A new DecodeState (not kept: decode_state and PrefixCache keep their own). With use_graph and fallback,
+        a failed capture is recorded in capture_error and gives an eager state, with a warning."""
+        try:
+            return DecodeState(model, batch, length, use_graph)
+        except torch.cuda.OutOfMemoryError:
             raise
-        model._graph_capture_error = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"mixtral_ext: CUDA-graph capture of the decode step failed ({model._graph_capture_error}); "
-                  f"decoding with eager steps", RuntimeWarning, stacklevel=3)
-    return DecodeState(model, batch, length, False)
+        except RuntimeError as exc:
+            if not (use_graph and fallback):
+                raise
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"mixtral_ext: CUDA-graph capture of the decode step failed ({self.capture_error}); "
+                      f"decoding with eager steps", RuntimeWarning, stacklevel=3)
+        return DecodeState(model, batch, length, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How generate() picks each next token: transformers' generate arguments of the same names and defaults,
+    validated once here (ValueError naming the argument and its value).
+
+    do_sample: False = greedy (argmax); True = a draw from softmax(scores) after temperature, top_k, top_p, which
+    apply only then (temperature is checked only then too). temperature > 0; top_k: an integer >= 0, 0 disables it;
+    top_p in (0, 1], 1 disables it; repetition_penalty > 0, 1 disables it (applies to greedy decoding too); seed: an
+    integer for a generator of its own (reproducible draws), None for torch's global RNG."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):  # an int 1 compares as 1.0 below, but stays exact
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "do_sample", bool(self.do_sample))
+
+    def generator(self, device):
+        """A torch.Generator on `device` seeded with seed, or None (torch's global RNG) without one."""
+        return torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
 
 
 class PrefixCache:
@@ -169,7 +224,7 @@ class PrefixCache:
         if state is None or state.length < needed or (state.graph is not None) != use_graph:
             # Room for the next turns too; the keys and values cached so far move into the new cache.
             length = min(-(-2 * needed // 256) * 256, model.config.max_position_embeddings)
-            new = _new_state(model, 1, max(length, needed), use_graph, fallback)
+            new = model.generation.new_state(model, 1, max(length, needed), use_graph, fallback)
             if state is not None:
                 n = min(len(self.tokens), state.length)
                 new.cache.k[:, :, :n].copy_(state.cache.k[:, :, :n])
@@ -231,18 +286,9 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"max_new_tokens: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"the context max_position_embeddings={cfg.max_position_embeddings}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
     eos = cfg.eos_token_ids if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     for name, ids in (("eos_token_id", eos), ("pad_token_id", () if pad_token_id is None else (pad_token_id,))):
@@ -256,15 +302,16 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
         raise ValueError(f"use_cuda_graph=True needs a CUDA model whose every op has a CUDA kernel for "
                          f"{model.dtype} (device {model.device}, extension: {ops.EXTENSION_STATUS})")
     use_graph = can_graph if use_cuda_graph is None else bool(use_cuda_graph)
-    if use_cuda_graph is None and getattr(model, "_graph_capture_error", None):
+    if use_cuda_graph is None and model.generation.capture_error:
         use_graph = False  # a capture already failed on this model (warned then)
     if prefix_cache is not None and len(prompts) != 1:
         raise ValueError(f"prefix_cache holds one conversation; input_ids has {len(prompts)} prompts")
-    if do_sample and seed is None and model.shard.world > 1:
-        seed = parallel.shared_seed(model.shard)  # ranks sampling apart would diverge (and deadlock)
-    steps = _generate(model, prompts, max_new_tokens, do_sample, float(temperature), top_k, float(top_p),
-                      float(repetition_penalty), eos, pad, seed, stream, use_graph, use_cuda_graph is None,
-                      sync_every, out_device, prefix_cache)
+    if sampling.do_sample and sampling.seed is None and model.shard.world > 1:
+        # ranks sampling apart would diverge (and deadlock)
+        sampling = dataclasses.replace(sampling, seed=parallel.shared_seed(model.shard))
+    steps = _generate(model, prompts, max_new_tokens, sampling, eos=eos, pad=pad, stream=stream, use_graph=use_graph,
+                      graph_fallback=use_cuda_graph is None, sync_every=sync_every, out_device=out_device,
+                      prefix_cache=prefix_cache)
     if padded is not None:
         steps = _repad(steps, padded, max(len(p) for p in prompts))
     if stream:
@@ -340,8 +387,8 @@ def _prompts(input_ids, vocab_size):
 
 
 @torch.inference_mode()
-def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, penalty, eos, pad, seed, stream,
-              use_graph, graph_fallback, sync_every, out_device, prefix_cache=None):
+def _generate(model, prompts, max_new, sampling, *, eos, pad, stream, use_graph, graph_fallback, sync_every,
+              out_device, prefix_cache=None):
     dev, V = model.device, model.config.vocab_size
     B, lens = len(prompts), [len(p) for p in prompts]
     longest = max(lens)
@@ -349,15 +396,15 @@ def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, pen
     n_keep = 0
     if max_new > 0:
         if prefix_cache is None:
-            state = decode_state(model, B, longest + max_new, use_graph, graph_fallback)
+            state = model.generation.decode_state(model, B, longest + max_new, use_graph, graph_fallback)
             logits = model.prefill(prompts, state.cache)  # [B, V]
         else:
             state, reuse = prefix_cache._prepare(model, prompts[0], longest + max_new, use_graph, graph_fallback)
             logits = model.prefill([prompts[0][reuse:]], state.cache, starts=[reuse])
         state.positions.copy_(torch.tensor(lens, dtype=torch.int32))
-        generator = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+        generator = sampling.generator(dev)
         seen = None  # [B, V] bool: tokens each sequence holds so far (for the repetition penalty)
-        if penalty != 1.0:
+        if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
             rows = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], device=dev)
             seen[rows, torch.tensor([t for p in prompts for t in p], device=dev)] = True
@@ -365,7 +412,7 @@ def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, pen
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         stop_step = torch.full((B,), max_new - 1, dtype=torch.long, device=dev)  # step of each sequence's EOS
         for i in range(max_new):
-            nxt = _next_tokens(logits, seen, do_sample, temperature, top_k, top_p, penalty, generator)
+            nxt = _next_tokens(logits, seen, sampling, generator)
             nxt = torch.where(finished, pad, nxt)  # [B]
             new[:, i] = nxt
             if seen is not None:
@@ -396,12 +443,16 @@ def _generate(model, prompts, max_new, do_sample, temperature, top_k, top_p, pen
     return out.to(out_device)
 
 
-def _next_tokens(logits, seen, do_sample, temperature, top_k, top_p, penalty, generator):
-    """The next token of each sequence from logits [B, V]; no host synchronisation."""
+def _next_tokens(logits, seen, sampling, generator):
+    """The next token of each sequence from logits [B, V] under `sampling` (a SamplingConfig); seen [B, V] bool: the
+    tokens the repetition penalty applies to (None: no penalty); generator: sampling.generator(), or None for torch's
+    global RNG. No host synchronisation."""
     scores = logits.float()
+    penalty, temperature, top_k, top_p = (sampling.repetition_penalty, sampling.temperature, sampling.top_k,
+                                          sampling.top_p)
     if seen is not None:  # CTRL's penalty, as transformers: divide positive scores, multiply negative ones
         scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-    if not do_sample:
+    if not sampling.do_sample:
         return scores.argmax(-1)  # ties: the lowest id, as torch.argmax in transformers
     if temperature != 1.0:
         scores = scores / temperature

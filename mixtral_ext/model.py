@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import generate as generation
 from . import ops
 from . import quant
 from .config import MixtralConfig
@@ -32,7 +33,6 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch, length, kv_heads or cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.batch, self.length = batch, length
 
     def layer(self, i):
         return self.k[i], self.v[i]  # [B, S, Hkv, D] each, contiguous
@@ -65,7 +65,8 @@ class Mixtral(nn.Module):
         # float32 whatever the model dtype (transformers computes cos/sin in float32 too); not a buffer, so that
         # model.to(dtype) cannot round it.
         self._rope = rope_cos_sin(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, device=device)
-        self._decode_states = {}  # generate.py's per-batch-size caches and CUDA graphs
+        # generate()'s per-batch-size caches and CUDA graphs, kept between calls; owned and used by generate.py only.
+        self.generation = generation.GenerationState()
 
     @property
     def device(self):
@@ -85,7 +86,7 @@ class Mixtral(nn.Module):
         only its shard (parallel.py; "cuda" means cuda:LOCAL_RANK): tensor parallel, or with expert_parallel=True
         E/N whole experts per rank. Every rank must then make the same calls with the same inputs."""
         from . import parallel
-        from .weights import find_checkpoint, load_checkpoint
+        from .weights import check_fits, find_checkpoint, load_checkpoint
         quant.check_mode(quantize)
         device = parallel.local_device(device or "cpu")
         check_device(device)
@@ -103,6 +104,11 @@ class Mixtral(nn.Module):
         model = cls(cfg, device=device, dtype=dtype, quantize=quantize)
         load_checkpoint(path, cfg, dict(model.named_parameters()), progress=progress)
         return model.eval()
+
+    def new_cache(self, batch, length):
+        """An empty (zeroed) KVCache for `batch` sequences of up to `length` positions, on the model's device and in
+        its dtype, with this rank's key-value heads."""
+        return KVCache(self.config, batch, length, self.device, self.dtype, kv_heads=self.shard.kv_heads)
 
     def rope_table(self):
         if self._rope.device != self.device:
@@ -167,13 +173,12 @@ class Mixtral(nn.Module):
         return F.linear(h, self.lm_head)
 
     def release_cache(self):
-        """Free the KV caches and CUDA graphs that generate() keeps per batch size."""
-        self._decode_states.clear()
+        """Free the KV caches and CUDA graphs that generate() keeps per batch size (generate.GenerationState)."""
+        self.generation.release()
 
     def generate(self, input_ids, **kwargs):
         """transformers-style generation; see mixtral_ext.generate.generate for the arguments."""
-        from .generate import generate
-        return generate(self, input_ids, **kwargs)
+        return generation.generate(self, input_ids, **kwargs)
 
 
 class Block(nn.Module):
@@ -275,93 +280,3 @@ def check_quantize(cfg, quantize):
     quant.check_width(quantize, cfg.hidden_size, "hidden_size (the input width of the experts' w1 and w3)")
     quant.check_width(quantize, cfg.intermediate_size, "intermediate_size (the input width of the experts' w2)")
     return quantize
-
-
-class ModelTooLargeError(RuntimeError):
-    """The model's weights do not fit in the target device's free memory (the GPU's, or the host's on the CPU)."""
-
-
-def host_memory():
-    """(available, total) bytes of host memory for this process: MemAvailable of /proc/meminfo, lowered to what
-    the cgroup (a container's memory limit) still allows. (None, None) where neither can be read."""
-    available = total = None
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-        available, total = info.get("MemAvailable"), info.get("MemTotal")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read())
-        if limit != "max":
-            left = max(int(limit) - used, 0)
-            available = left if available is None else min(available, left)
-            total = int(limit) if total is None else min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return available, total
-
-
-def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30, quantize=None):
-    """Fail before allocating when the weights (plus `headroom` for activations and a small KV cache) exceed the
-    free memory of the target: the GPU's (torch.cuda.mem_get_info), or on the CPU the host's (host_memory(): the
-    OOM killer would otherwise end the process without a word). free_bytes/total_bytes override the measurement.
-    quantize: the expert weights' format (None, "int8", "int4"), counted at its stored size (quantized bytes plus
-    float32 scales); the error names the quantized formats that would fit."""
-    from .weights import param_bytes
-    device = torch.device(device)
-    if free_bytes is None:
-        if device.type == "cuda":
-            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-        elif device.type == "cpu":
-            free_bytes, total_bytes = host_memory()
-        if free_bytes is None:
-            return
-    needed = param_bytes(cfg, dtype, quantize)
-    if needed + headroom > free_bytes:
-        gib = 2.0 ** 30
-        total = f" of {total_bytes / gib:.1f} GiB" if total_bytes else ""
-        name = str(dtype).replace("torch.", "") + (f", {quantize} experts" if quantize else "")
-        head = (f"Mixtral ({cfg.num_hidden_layers} layers, {name}) needs {needed / gib:.1f} GiB for its weights plus "
-                f"{headroom / gib:.1f} GiB headroom, but ")
-        # The quantized formats that would fit, smallest change first (int8 keeps more precision than int4).
-        fitting = []
-        for mode in (quant.MODES[quant.MODES.index(quantize) + 1:] if quantize else quant.MODES):
-            try:
-                need = param_bytes(cfg, dtype, mode)
-            except ValueError:  # int4 with widths that are not a multiple of 128
-                continue
-            if need + headroom <= free_bytes:
-                fitting.append(f"--quantize {mode} (quantize={mode!r}: {need / gib:.1f} GiB)")
-        quantized = f"quantize the expert weights: {' or '.join(fitting)}" if fitting else ""
-        if device.type == "cuda":
-            # Several GPUs (tensor parallel) are an option for unquantized weights only (quantize is one process).
-            several = "" if quantize else _several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)
-            hint = f"use a GPU with more memory (an H200 holds Mixtral-8x7B in bf16){several}"
-            hint = f"{quantized[0].upper()}{quantized[1:]}; or {hint}" if fitting else hint[0].upper() + hint[1:]
-            raise ModelTooLargeError(head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. {hint}.")
-        smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
-                   if param_bytes(cfg, d, quantize) < needed and param_bytes(cfg, d, quantize) + headroom <= free_bytes]
-        if smaller:
-            d, flag = smaller[0]
-            hint = (f"In {str(d).replace('torch.', '')} it needs {param_bytes(cfg, d, quantize) / gib:.1f} GiB, "
-                    f"which fits: pass dtype=torch.{str(d).replace('torch.', '')} (mixtral-ext --dtype {flag}).")
-        else:
-            low = param_bytes(cfg, torch.bfloat16, quantize)
-            hint = (f"Even bfloat16 needs {low / gib:.1f} GiB: use a machine with more memory, or a GPU "
-                    f"(device=\"cuda\")" + (f", or {quantized}." if fitting else "."))
-        raise ModelTooLargeError(head + f"this machine has {free_bytes / gib:.1f} GiB of memory available{total}. "
-                                 + hint)
-
-
-def _several_gpus(cfg, dtype, gpu_bytes, headroom):
-    """", or several: it needs N GPUs of X GiB ..." when a tensor-parallel split over GPUs like this one would fit."""
-    from .parallel import gpus_needed
-    n = gpus_needed(cfg, dtype, gpu_bytes, headroom=headroom)
-    if not n or n == 1:
-        return ""
-    return (f", or several: it needs {n} GPUs of {gpu_bytes / 2 ** 30:.0f} GiB in {str(dtype).replace('torch.', '')} "
-            f"(torchrun --nproc-per-node {n} -m mixtral_ext ...)")

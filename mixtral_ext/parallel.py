@@ -261,8 +261,8 @@ def gpus_needed(cfg, dtype, gpu_bytes, expert_parallel=False, headroom=1 << 30):
 
 
 def check_fits(cfg, dtype, device, shard, free_bytes=None, total_bytes=None, headroom=1 << 30):
-    """model.check_fits for one rank of several: this rank's weights against this rank's GPU."""
-    from .model import ModelTooLargeError
+    """weights.check_fits for one rank of several: this rank's weights against this rank's GPU."""
+    from .weights import ModelTooLargeError
     device = torch.device(device)
     if device.type != "cuda" and free_bytes is None:
         return

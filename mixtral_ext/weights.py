@@ -25,6 +25,8 @@ float32, on the target device) and only the quantized values and scales are kept
 experts ever exists.
 Every stored tensor's name, shape and dtype is checked against the config; every problem is a CheckpointError
 naming the file and the tensor. Pickled .pth/.bin checkpoints are refused: unpickling can run arbitrary code.
+Before anything is allocated, check_fits compares the weights' size (param_bytes) with the target's free memory and
+raises ModelTooLargeError with what would fit (another dtype, quantized experts, several GPUs).
 """
 import glob
 import json
@@ -34,6 +36,7 @@ import sys
 
 import torch
 
+from . import quant
 from .quant import mode_of, quantize
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -541,3 +544,92 @@ def param_bytes(cfg, dtype, quantize=None):
     size = torch.empty((), dtype=dtype).element_size()
     per_layer = (2 * H + cfg.qkv_size * H + H * cfg.num_attention_heads * cfg.head_dim + E * H) * size
     return L * (per_layer + expert_bytes(cfg, quantize, size)) + (2 * V * H + H) * size
+
+
+class ModelTooLargeError(RuntimeError):
+    """The model's weights do not fit in the target device's free memory (the GPU's, or the host's on the CPU)."""
+
+
+def host_memory():
+    """(available, total) bytes of host memory for this process: MemAvailable of /proc/meminfo, lowered to what
+    the cgroup (a container's memory limit) still allows. (None, None) where neither can be read."""
+    available = total = None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        available, total = info.get("MemAvailable"), info.get("MemTotal")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            available = left if available is None else min(available, left)
+            total = int(limit) if total is None else min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return available, total
+
+
+def check_fits(cfg, dtype, device, free_bytes=None, total_bytes=None, headroom=1 << 30, quantize=None):
+    """Fail before allocating when the weights (plus `headroom` for activations and a small KV cache) exceed the
+    free memory of the target: the GPU's (torch.cuda.mem_get_info), or on the CPU the host's (host_memory(): the
+    OOM killer would otherwise end the process without a word). free_bytes/total_bytes override the measurement.
+    quantize: the expert weights' format (None, "int8", "int4"), counted at its stored size (quantized bytes plus
+    float32 scales); the error names the quantized formats that would fit."""
+    device = torch.device(device)
+    if free_bytes is None:
+        if device.type == "cuda":
+            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        elif device.type == "cpu":
+            free_bytes, total_bytes = host_memory()
+        if free_bytes is None:
+            return
+    needed = param_bytes(cfg, dtype, quantize)
+    if needed + headroom > free_bytes:
+        gib = 2.0 ** 30
+        total = f" of {total_bytes / gib:.1f} GiB" if total_bytes else ""
+        name = str(dtype).replace("torch.", "") + (f", {quantize} experts" if quantize else "")
+        head = (f"Mixtral ({cfg.num_hidden_layers} layers, {name}) needs {needed / gib:.1f} GiB for its weights plus "
+                f"{headroom / gib:.1f} GiB headroom, but ")
+        # The quantized formats that would fit, smallest change first (int8 keeps more precision than int4).
+        fitting = []
+        for mode in (quant.MODES[quant.MODES.index(quantize) + 1:] if quantize else quant.MODES):
+            try:
+                need = param_bytes(cfg, dtype, mode)
+            except ValueError:  # int4 with widths that are not a multiple of 128
+                continue
+            if need + headroom <= free_bytes:
+                fitting.append(f"--quantize {mode} (quantize={mode!r}: {need / gib:.1f} GiB)")
+        quantized = f"quantize the expert weights: {' or '.join(fitting)}" if fitting else ""
+        if device.type == "cuda":
+            # Several GPUs (tensor parallel) are an option for unquantized weights only (quantize is one process).
+            several = "" if quantize else _several_gpus(cfg, dtype, total_bytes or free_bytes, headroom)
+            hint = f"use a GPU with more memory (an H200 holds Mixtral-8x7B in bf16){several}"
+            hint = f"{quantized[0].upper()}{quantized[1:]}; or {hint}" if fitting else hint[0].upper() + hint[1:]
+            raise ModelTooLargeError(head + f"{device} has {free_bytes / gib:.1f} GiB free{total}. {hint}.")
+        smaller = [(d, flag) for d, flag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+                   if param_bytes(cfg, d, quantize) < needed and param_bytes(cfg, d, quantize) + headroom <= free_bytes]
+        if smaller:
+            d, flag = smaller[0]
+            hint = (f"In {str(d).replace('torch.', '')} it needs {param_bytes(cfg, d, quantize) / gib:.1f} GiB, "
+                    f"which fits: pass dtype=torch.{str(d).replace('torch.', '')} (mixtral-ext --dtype {flag}).")
+        else:
+            low = param_bytes(cfg, torch.bfloat16, quantize)
+            hint = (f"Even bfloat16 needs {low / gib:.1f} GiB: use a machine with more memory, or a GPU "
+                    f"(device=\"cuda\")" + (f", or {quantized}." if fitting else "."))
+        raise ModelTooLargeError(head + f"this machine has {free_bytes / gib:.1f} GiB of memory available{total}. "
+                                 + hint)
+
+
+def _several_gpus(cfg, dtype, gpu_bytes, headroom):
+    """", or several: it needs N GPUs of X GiB ..." when a tensor-parallel split over GPUs like this one would fit."""
+    from .parallel import gpus_needed
+    n = gpus_needed(cfg, dtype, gpu_bytes, headroom=headroom)
+    if not n or n == 1:
+        return ""
+    return (f", or several: it needs {n} GPUs of {gpu_bytes / 2 ** 30:.0f} GiB in {str(dtype).replace('torch.', '')} "
+            f"(torchrun --nproc-per-node {n} -m mixtral_ext ...)")

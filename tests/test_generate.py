@@ -4,7 +4,7 @@ warpers), argument validation, and no CUDA graph off the GPU."""
 import pytest
 import torch
 
-from mixtral_ext.generate import _next_tokens, graphs_supported
+from mixtral_ext.generate import SamplingConfig, _next_tokens, graphs_supported
 from test_model import CONFIGS, hf_checkpoint, ours
 
 transformers = pytest.importorskip("transformers")
@@ -116,7 +116,7 @@ def test_sampling_follows_the_distribution():
     """Frequencies of 40000 draws match softmax(logits / T) within a few standard errors."""
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5]]).repeat(40000, 1)
-    draws = _next_tokens(logits, None, True, 0.7, 0, 1.0, 1.0, g)
+    draws = _next_tokens(logits, None, SamplingConfig(do_sample=True, temperature=0.7, top_k=0), g)
     freq = torch.bincount(draws, minlength=6).double() / draws.numel()
     p = torch.softmax(logits[0].double() / 0.7, -1)
     assert ((freq - p).abs() <= 4 * (p * (1 - p) / draws.numel()).sqrt() + 1e-4).all(), (freq, p)
@@ -134,7 +134,8 @@ def test_top_k_top_p_keep_the_same_tokens_as_transformers(top_k, top_p):
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    draws = _next_tokens(scores.repeat(3000, 1), None, True, 1.0, top_k, top_p, 1.0, g).view(3000, 4)
+    draws = _next_tokens(scores.repeat(3000, 1), None, SamplingConfig(do_sample=True, top_k=top_k, top_p=top_p), g)
+    draws = draws.view(3000, 4)
     for b in range(4):
         support = set(draws[:, b].tolist())
         allowed = set(torch.nonzero(torch.isfinite(ref[b])).flatten().tolist())
@@ -172,13 +173,63 @@ def test_argument_errors(kwargs, message):
         model.generate(stream=True, **kwargs)
 
 
+def test_sampling_config_is_checked_once_at_construction_and_frozen():
+    """The settings are validated where they are made (generate() builds one; test_argument_errors checks the
+    messages through it), the floats stored as floats, and nothing can swap them afterwards."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 0"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match=r"seed must be an integer or None, got True"):
+        SamplingConfig(seed=True)
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 0 \(0 disables it\), got 2\.0"):
+        SamplingConfig(top_k=2.0)
+    SamplingConfig(do_sample=False, temperature=0)  # greedy: the temperature is not used, so not checked
+    s = SamplingConfig(do_sample=1, temperature=2, top_p=1, repetition_penalty=1, seed=4)
+    assert (s.do_sample, s.temperature, s.top_p, s.repetition_penalty) == (True, 2.0, 1.0, 1.0)
+    assert all(type(v) is float for v in (s.temperature, s.top_p, s.repetition_penalty))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.temperature = 0.5
+    assert torch.equal(torch.rand(3, generator=s.generator("cpu")), torch.rand(3, generator=s.generator("cpu")))
+    assert SamplingConfig().generator("cpu") is None
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps_once(monkeypatch):
+    """The CUDA-graph fallback, on the CPU: a capture that raises gives a warning and eager steps with the same
+    tokens, the model's GenerationState remembers the error, and later calls do not try to capture again."""
+    import mixtral_ext.generate as gen
+
+    model = ours("mha")
+    prompts = [_prompt("mha", 6, 3), _prompt("mha", 4, 4)]
+    eager = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    captures = []
+
+    def capture(state, m):
+        captures.append(m)
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(gen, "graphs_supported", lambda m: True)
+    monkeypatch.setattr(gen.DecodeState, "_capture", capture)
+    model.release_cache()
+    with pytest.warns(RuntimeWarning, match=r"capture of the decode step failed \(RuntimeError: capture refused\)"):
+        assert torch.equal(model.generate(prompts, max_new_tokens=6, eos_token_id=[]), eager)
+    assert len(captures) == 1 and model.generation.capture_error == "RuntimeError: capture refused"
+    assert all(s.graph is None for s in model.generation.states.values())
+    model.release_cache()  # frees the states; the model still cannot capture, so the error stays
+    assert not model.generation.states and model.generation.capture_error
+    assert torch.equal(model.generate(prompts[:1], max_new_tokens=6, eos_token_id=[]), eager[:1])
+    assert len(captures) == 1
+    with pytest.raises(RuntimeError, match="capture refused"):  # required graphs: the error, no fallback
+        model.generate(prompts[:1], max_new_tokens=6, eos_token_id=[], use_cuda_graph=True)
+
+
 def test_cpu_never_uses_cuda_graphs():
     model = ours("mha")
     assert not graphs_supported(model)
     model.generate([[1, 2, 3]], max_new_tokens=3)
-    assert model._decode_states and all(s.graph is None for s in model._decode_states.values())
+    assert model.generation.states and all(s.graph is None for s in model.generation.states.values())
     model.release_cache()
-    assert not model._decode_states
+    assert not model.generation.states
 
 
 # ---- transformers-style padded batches -----------------------------------------------------------------------------

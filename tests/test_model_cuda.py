@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import mixtral_ext as mx
-from mixtral_ext.generate import _next_tokens, decode_state, graphs_supported
-from mixtral_ext.model import ModelTooLargeError
+from mixtral_ext.generate import SamplingConfig, _next_tokens, graphs_supported
+from mixtral_ext.weights import ModelTooLargeError
 from mixtral_ext.weights import load_transformers_state
 
 transformers = pytest.importorskip("transformers")
@@ -131,7 +131,7 @@ def test_the_cuda_path_is_active(kernels):
     ours, _, _ = models("gqa8")
     assert graphs_supported(ours), "every op should have a CUDA kernel for bf16"
     ours.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=[])  # the default: graphs whenever possible
-    assert getattr(ours, "_graph_capture_error", None) is None and ours._decode_states[1].graph is not None
+    assert ours.generation.capture_error is None and ours.generation.states[1].graph is not None
     # Shapes the decode kernel does not take (head_dim 96) run the reference there: no graph for such a model.
     odd = mx.Mixtral(mx.MixtralConfig.from_name("tiny", head_dim=96), device="cuda", dtype=torch.bfloat16)
     assert not graphs_supported(odd)
@@ -170,9 +170,9 @@ def test_graph_replay_equals_eager(kernels, name):
     prompts = _prompts(GPU_CONFIGS[name]["vocab_size"], [5, 30, 1, 17], 3)
     for kw in (dict(), dict(do_sample=True, seed=11, temperature=0.9, top_p=0.95)):
         graphed = ours.generate(prompts, max_new_tokens=24, eos_token_id=[], use_cuda_graph=True, **kw)
-        assert ours._decode_states[4].graph is not None
+        assert ours.generation.states[4].graph is not None
         eager = ours.generate(prompts, max_new_tokens=24, eos_token_id=[], use_cuda_graph=False, **kw)
-        assert ours._decode_states[4].graph is None
+        assert ours.generation.states[4].graph is None
         assert torch.equal(graphed, eager), kw
     ours.release_cache()
 
@@ -187,7 +187,7 @@ def test_graph_states_across_calls(kernels):
     graphed, graphs = [], []
     for p in prompts:
         graphed.append(ours.generate(p, max_new_tokens=10, eos_token_id=[], use_cuda_graph=True))
-        state = ours._decode_states[len(p)]
+        state = ours.generation.states[len(p)]
         assert state.graph is not None and state.length >= max(map(len, p)) + 10
         graphs.append(state.graph)
     assert graphs[2] is graphs[0], "the batch-3 graph should be reused"
@@ -209,7 +209,7 @@ def test_eos_at_different_steps_with_graphs(kernels, sync_every):
     full = ours.generate(prompts, max_new_tokens=new, eos_token_id=[])[:, n:].tolist()  # [3, 24] new tokens
     eos = [full[0][2], full[1][9]]  # row 0 stops by step 2, row 1 by step 9; row 2 only if it meets one of them
     out = ours.generate(prompts, max_new_tokens=new, eos_token_id=eos, pad_token_id=999, sync_every=sync_every)
-    assert ours._decode_states[3].graph is not None
+    assert ours.generation.states[3].graph is not None
     stops = [next((i for i, t in enumerate(row) if t in eos), None) for row in full]
     keep = new if None in stops else max(stops) + 1
     expected = [row[:stop + 1] + [999] * (new - stop - 1) if stop is not None else row
@@ -256,7 +256,7 @@ def test_stream_matches_on_the_gpu(kernels):
 
 def test_decode_step_and_sampling_never_sync_with_the_host(kernels):
     ours, _, _ = models("gqa8")
-    state = decode_state(ours, 3, 64, use_graph=False)
+    state = ours.generation.decode_state(ours, 3, 64, use_graph=False)
     with torch.inference_mode():
         ours.prefill(_prompts(1000, [5, 9, 2], 7), state.cache)
         state.positions.copy_(torch.tensor([5, 9, 2], dtype=torch.int32))
@@ -266,7 +266,7 @@ def test_decode_step_and_sampling_never_sync_with_the_host(kernels):
         torch.cuda.set_sync_debug_mode("error")
         try:
             logits = state.step(ours)
-            nxt = _next_tokens(logits, seen, True, 0.8, 5, 0.9, 1.2, gen)
+            nxt = _next_tokens(logits, seen, SamplingConfig(True, 0.8, 5, 0.9, 1.2), gen)
             state.tokens.copy_(nxt)
             state.positions += 1
             state.step(ours)

@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from mixtral_ext import parallel
 from mixtral_ext.config import MixtralConfig
 from mixtral_ext.demo import build_tiny_checkpoint, random_weights, tiny_config
-from mixtral_ext.model import Mixtral, ModelTooLargeError, check_fits
+from mixtral_ext.model import Mixtral
 from mixtral_ext.ops import moe_experts, moe_route
 from mixtral_ext.parallel import Shard
+from mixtral_ext.weights import ModelTooLargeError, check_fits
 
 # 4 KV heads (so N = 2 and 4 split them), 8 experts, expert width 40 (10 per rank at N = 4), odd head_dim 6.
 CFG = MixtralConfig(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=8,
@@ -198,7 +199,7 @@ def _sc_match(rank, world, out_dir, paths, extra):
                  "sampled": model.generate(PROMPTS[:1], max_new_tokens=6, do_sample=True),  # seed from rank 0
                  "expert_bytes": sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                      if ".moe.w" in n),
-                 "cache_kv_heads": model._decode_states[len(PROMPTS)].cache.k.shape[3],
+                 "cache_kv_heads": model.generation.states[len(PROMPTS)].cache.k.shape[3],
                  "shard": (model.shard.q_heads, model.shard.kv_heads, model.shard.experts, model.shard.inter)}
             if layout == "hf" and ep:  # a fresh load gives the same bits
                 r["reload_equal"] = torch.equal(Mixtral.from_pretrained(paths[layout], expert_parallel=True,

@@ -11,8 +11,8 @@ import torch
 from mixtral_ext import cli, ops, quant, reference
 from mixtral_ext.config import MixtralConfig
 from mixtral_ext.demo import random_weights
-from mixtral_ext.model import Mixtral, ModelTooLargeError, check_fits
-from mixtral_ext.weights import CheckpointError, param_bytes
+from mixtral_ext.model import Mixtral
+from mixtral_ext.weights import CheckpointError, ModelTooLargeError, check_fits, param_bytes
 
 # Two random configs whose expert widths are multiples of 128 (int4 groups): different H/I, GQA ratios, top-k.
 CONFIGS = {

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import mixtral_ext as mx
 from mixtral_ext.config import MixtralConfig
-from mixtral_ext.model import ModelTooLargeError, check_fits
 from mixtral_ext.reference import apply_rope, rope_cos_sin
-from mixtral_ext.weights import CheckpointError, _interleaved_to_rotate_half, expected_tensors, param_bytes
+from mixtral_ext.weights import (CheckpointError, ModelTooLargeError, _interleaved_to_rotate_half, check_fits,
+                                 expected_tensors, param_bytes)
 from test_model import CONFIGS, hf_checkpoint, ours, rel_err
 
 
@@ -321,17 +321,18 @@ def test_model_too_large_for_host_memory_fails_early_and_names_a_dtype_that_fits
     with pytest.raises(ModelTooLargeError, match=r"Even bfloat16 needs 87\.\d GiB: use a machine with more memory"):
         check_fits(cfg, torch.bfloat16, "cpu", free_bytes=24 * 2 ** 30)
     check_fits(cfg, torch.bfloat16, "cpu", free_bytes=120 * 2 ** 30)
-    # from_pretrained measures the host (mixtral_ext.model.host_memory) and fails before allocating anything.
+    # from_pretrained measures the host (mixtral_ext.weights.host_memory) and fails before allocating anything.
     import mixtral_ext.model as model_mod
+    import mixtral_ext.weights as weights_mod
     path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
     need = param_bytes(mx.MixtralConfig.from_pretrained(path), torch.float32)
-    monkeypatch.setattr(model_mod, "host_memory", lambda: ((1 << 30) + need // 2, None))
+    monkeypatch.setattr(weights_mod, "host_memory", lambda: ((1 << 30) + need // 2, None))
     monkeypatch.setattr(model_mod.Mixtral, "__init__", lambda *a, **k: pytest.fail("allocated before the check"))
     with pytest.raises(ModelTooLargeError, match=r"In bfloat16 it needs 0\.0 GiB, which fits"):
         mx.Mixtral.from_pretrained(path, progress=False)
 
 
 def test_host_memory_is_measured():
-    from mixtral_ext.model import host_memory
+    from mixtral_ext.weights import host_memory
     available, total = host_memory()
     assert 0 < available <= total
