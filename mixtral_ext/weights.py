@@ -35,6 +35,7 @@ import re
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from . import quant
 from .quant import mode_of, quantize
@@ -518,19 +519,8 @@ def _open(safe_open, file, device):
 
 
 def _progress(total, enabled, what):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a missing progress bar must not stop a load
-        enabled = False
-    if not enabled:
-        class _Silent:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-        return _Silent()
-    return tqdm(total=total, desc=f"loading {what}", unit="tensor")
+    """The loaders' progress bar over `total` tensors; a no-op bar when not enabled."""
+    return tqdm(total=total, desc=f"loading {what}", unit="tensor", disable=not enabled)
 
 
 def param_bytes(cfg, dtype, quantize=None):

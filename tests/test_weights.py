@@ -336,3 +336,14 @@ def test_host_memory_is_measured():
     from mixtral_ext.weights import host_memory
     available, total = host_memory()
     assert 0 < available <= total
+
+
+def test_the_loading_bar_is_tqdm_and_silent_when_disabled(capsys):
+    from mixtral_ext.weights import _progress
+    for enabled in (False, True):
+        bar = _progress(3, enabled, "ckpt")
+        for _ in range(3):
+            bar.update(1)
+        bar.close()
+        err = capsys.readouterr().err
+        assert ("loading ckpt" in err and "3/3" in err) if enabled else err == "", err
