@@ -341,31 +341,20 @@ def _generation_kwargs(args, seed_has_other_uses=False):
     return kw
 
 
-def _token_id(step):
-    """One streamed step of model.generate(stream=True) for a single sequence: an int, or a 1-element tensor/list."""
-    if isinstance(step, int):
-        return step
-    if hasattr(step, "reshape"):
-        step = step.reshape(-1).tolist()
-    (value,) = step
-    return int(value)
-
-
 def stream_generation(model, tok, prompt_ids, gen_kwargs, out, context=(), stops=(), prefix_cache=None):
     """Generate from prompt_ids, writing the text to `out` as it comes; generation ends early where the text
     reaches one of `stops` (which is not written: text that could be the start of a stop string is held back until
-    it is not). Returns (new ids, timing dict, the text written)."""
+    it is not). The caller has checked the context (_check_context, before anything is written). Returns (new ids,
+    timing dict, the text written)."""
     import torch
 
-    _check_context(model, len(prompt_ids), gen_kwargs["max_new_tokens"])
     dec = tok.stream_decoder(context)
     new, t_first, held, written = [], None, "", []
     t0 = time.perf_counter()
     kw = dict(gen_kwargs, prefix_cache=prefix_cache) if prefix_cache is not None else gen_kwargs
     steps = model.generate(torch.tensor([prompt_ids], device=model.device), stream=True, **kw)
     stopped = False
-    for step in steps:
-        token = _token_id(step)
+    for (token,) in steps:  # each step: a list of one int per sequence (here one)
         if t_first is None:
             t_first = time.perf_counter()
         new.append(token)
@@ -476,7 +465,8 @@ def cmd_generate(args):
     else:
         ids = tok.encode(prompt)
         context = ids  # the continuation's first space is kept, as in decode(prompt + continuation)
-        _check_context(model, len(ids), args.max_new_tokens)
+    _check_context(model, len(ids), args.max_new_tokens)
+    if not args.chat:
         sys.stdout.write(prompt)
     _, stats, _ = stream_generation(model, tok, ids, gen_kwargs, sys.stdout, context, args.stop)
     sys.stdout.write("\n")

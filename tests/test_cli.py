@@ -192,6 +192,7 @@ def test_runtime_errors(ckpt, tmp_path, capsys):
     cases.append((["generate", "--model", ckpt, "--tokenizer", str(tmp_path / "nope.model"), "--prompt", "x"],
                   "nope.model"))
     cases.append((["generate", "--model", ckpt, "--prompt", "x", "--max-new-tokens", "5000"], "context"))
+    cases.append((["generate", "--model", ckpt, "--prompt", "x", "--chat", "--max-new-tokens", "5000"], "context"))
     cases.append((["generate", "--model", ckpt, "--prompt", "x", "--system", "S"], "--chat"))
     cases.append((["generate", "--model", ckpt, "--prompt", "x", "--seed", "3"], "--temperature"))
     cases.append((["demo", "--model", str(tmp_path / "missing")], "no such directory"))
