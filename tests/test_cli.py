@@ -243,6 +243,25 @@ def test_bench_script_location():
     assert cli._find_bench_dir() == os.path.join(here, "bench")
 
 
+def test_every_kernel_benchmark_has_its_module():
+    """bench_kernels.py imports bench/kbench/<name>.py for each name of BENCHES and calls its run(): each must
+    exist and define run, and no module may be left out of the list (read as source: they need a GPU to import)."""
+    import ast
+
+    bench = cli._find_bench_dir()
+    with open(os.path.join(bench, "bench_kernels.py")) as f:
+        body = ast.parse(f.read()).body
+    benches = ast.literal_eval(next(
+        node.value for node in body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "BENCHES"))
+    modules = {f[:-3] for f in os.listdir(os.path.join(bench, "kbench")) if f.endswith(".py") and f != "__init__.py"}
+    assert set(benches) == modules, (benches, modules)
+    for name in benches:
+        with open(os.path.join(bench, "kbench", f"{name}.py")) as f:
+            body = ast.parse(f.read()).body
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in body), name
+
+
 @pytest.mark.cuda
 def test_demo_on_gpu(kernels, tmp_path):
     """The embedded demo on a GPU: the kernel-shaped tiny config (head_dim 128), bf16, CUDA kernels, and the text
