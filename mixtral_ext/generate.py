@@ -124,7 +124,8 @@ class GenerationState:
         """The DecodeState for `batch` sequences of up to `needed` positions, reused while its cache is long
         enough. fallback: a failed capture gives eager steps (with a warning, and no further capture attempts on
         this model) instead of the error. ValueError when needed exceeds max_position_embeddings."""
-        if needed > model.config.max_position_embeddings:  # the rope table's rows: a later position would index past
+        # The rope table's rows: a later position would index past it.
+        if needed > model.config.max_position_embeddings:
             raise ValueError(f"a decode state for {needed} positions exceeds max_position_embeddings="
                              f"{model.config.max_position_embeddings}")
         state = self.states.get(batch)
