@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # moe_decode_quant last: device_check.sh gives the whole --quick run one time limit, and it is the newest.
-BENCHES = ["rms_norm", "moe_route", "moe_decode", "moe_prefill", "attention_decode", "attention_prefill",
-           "moe_decode_quant"]
+BENCHES = ["rms_norm", "rope_kv_append", "moe_route", "moe_decode", "moe_prefill", "attention_decode",
+           "attention_prefill", "moe_decode_quant"]
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ t1=$(date +%s)
 # One pytest process per test file, each with its own time limit, so a hung kernel costs one file, not the run.
 # -v prints one line per test as it finishes, so even a file killed by its limit leaves countable results.
 tests_budget=${DEVICE_CHECK_TEST_SECONDS:-250}
-files=${DEVICE_CHECK_TESTS:-$(grep -l "mark.cuda" tests/test_rms_norm.py tests/test_rope.py tests/test_moe_route.py \
+files=${DEVICE_CHECK_TESTS:-$(grep -l "mark.cuda" tests/test_rms_norm.py tests/test_rope_kv_append.py tests/test_moe_route.py \
   tests/test_attention_decode.py tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_prefill.py \
   tests/test_model_cuda.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++')}
 : > "$out/tests.log"

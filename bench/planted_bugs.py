@@ -51,11 +51,11 @@ MUTANTS = [
       "  for (int64_t i = threadIdx.x; i < nvec - 1; i += kThreads) {\n    V a = src[i];",
       "output loop one vector short", "rms_norm"),
     # rope
-    M("rope_sign", "rope.cu", "-__fmul_rn(b, sn[i])", "__fmul_rn(b, sn[i])", "rotate-half sign flipped",
+    M("rope_sign", "rope_kv_append.cu", "-__fmul_rn(b, sn[i])", "__fmul_rn(b, sn[i])", "rotate-half sign flipped",
       "rope_kv_append"),
-    M("rope_sin_is_cos", "rope.cu", "p.cos_sin + pos * p.head_dim + half + col, sn", "p.cos_sin + pos * p.head_dim + col, sn",
+    M("rope_sin_is_cos", "rope_kv_append.cu", "p.cos_sin + pos * p.head_dim + half + col, sn", "p.cos_sin + pos * p.head_dim + col, sn",
       "sin read from the cos half of the table", "rope_kv_append"),
-    M("rope_v_slot", "rope.cu", "(slot + h - p.q_heads - p.kv_heads) * p.head_dim", "(slot + h - p.q_heads) * p.head_dim",
+    M("rope_v_slot", "rope_kv_append.cu", "(slot + h - p.q_heads - p.kv_heads) * p.head_dim", "(slot + h - p.q_heads) * p.head_dim",
       "v written to the wrong head slot", "rope_kv_append"),
     # moe_route
     # (Not the barrier between the scan and scatter_tile: scatter_tile's own first barrier already orders s_base,
@@ -138,9 +138,9 @@ MUTANTS = [
       "int4 scale of group 0 for every input", "moe_experts_quant"),
 ]
 
-TEST_FILES = {"rms_norm": "test_rms_norm.py", "rope_kv_append": "test_rope.py", "moe_route": "test_moe_route.py",
-              "moe_experts": "test_moe_experts.py", "attention_decode": "test_attention_decode.py",
-              "attention_prefill": "test_attention_prefill.py"}
+TEST_FILES = {"rms_norm": "test_rms_norm.py", "rope_kv_append": "test_rope_kv_append.py",
+              "moe_route": "test_moe_route.py", "moe_experts": "test_moe_experts.py",
+              "attention_decode": "test_attention_decode.py", "attention_prefill": "test_attention_prefill.py"}
 
 
 def find_build_dir():

@@ -12,7 +12,7 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # every allocation its own, so out-of-b
 small="(opcheck or deterministic or graph or unaligned or skips_out_of_range or generic or empty or one_expert or
   mixed_batch or other_gqa or token_sweep) and not 4096 and not 8192 and not 16384 and not 32768"
 small=$(echo $small)
-memcheck_files="tests/test_rms_norm.py tests/test_rope.py tests/test_moe_route.py tests/test_attention_decode.py
+memcheck_files="tests/test_rms_norm.py tests/test_rope_kv_append.py tests/test_moe_route.py tests/test_attention_decode.py
   tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_prefill.py"
 race_files="tests/test_attention_decode.py tests/test_attention_prefill.py tests/test_moe_prefill.py"
 rc=0

@@ -32,7 +32,7 @@
 #include "moe_gemm.h"
 #include "moe_route.h"
 #include "rms_norm.h"
-#include "rope.h"
+#include "rope_kv_append.h"
 // @@includes (each op family adds its header here)
 
 namespace mixtral::binding {

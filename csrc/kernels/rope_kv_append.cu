@@ -17,7 +17,7 @@
 //
 // Layout: all tensors contiguous. Vector path (VEC = 16 bytes / element size) when D/2 is a multiple of VEC and
 // every pointer is 16-byte aligned; otherwise a scalar path (VEC = 1) with the same arithmetic.
-#include "rope.h"
+#include "rope_kv_append.h"
 #include "device.cuh"
 
 namespace mixtral {

@@ -1,5 +1,5 @@
 // rope_kv_append: rotary embedding on q and k of the fused qkv projection, k and v written into the KV cache at
-// each token's (sequence, position). See rope.cu.
+// each token's (sequence, position). See rope_kv_append.cu.
 #pragma once
 #include "common.h"
 
