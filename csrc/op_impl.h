@@ -108,7 +108,7 @@ at::Tensor rms_norm_impl(Backend& b, const at::Tensor& x, const at::Tensor& weig
   p.x = x2.data_ptr();
   p.w = weight.data_ptr();
   p.out = out.data_ptr();
-  p.rows = x2.size(0);
+  p.tokens = x2.size(0);
   p.hidden = H;
   p.x_stride = x2.stride(0);
   p.eps = static_cast<float>(eps);
@@ -196,8 +196,8 @@ at::Tensor attention_prefill_impl(Backend& b, const at::Tensor& q, const at::Ten
   p.v_stride_h = v_cache.stride(2);
   p.batch = static_cast<int>(B);
   p.cache_len = static_cast<int>(S);
-  p.num_heads_q = static_cast<int>(Hq);
-  p.num_heads_kv = static_cast<int>(Hkv);
+  p.q_heads = static_cast<int>(Hq);
+  p.kv_heads = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.scale = static_cast<float>(scale);
@@ -273,7 +273,7 @@ at::Tensor rope_kv_append_impl(Backend& b, const at::Tensor& qkv, const at::Tens
   p.head_dim = static_cast<int>(D);
   p.table_len = cos_sin.size(0);
   p.batch = B;
-  p.max_len = S;
+  p.cache_len = S;
   p.dtype = dtype;
   const auto guard = b.guard(qkv);
   b.check_launch(op, mixtral::rope_kv_append_launch(p, b.stream()));
@@ -356,7 +356,7 @@ at::Tensor attention_decode_impl(Backend& b, const at::Tensor& q, const at::Tens
   p.q_heads = static_cast<int>(Hq);
   p.kv_heads = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
-  p.max_len = S;
+  p.cache_len = S;
   p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
   p.scale = static_cast<float>(scale);
   p.num_splits = splits;

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
 
   // This split's keys [lo, hi); see the header for the rule.
   int64_t len64 = p.seq_lens[b];
-  len64 = len64 < 0 ? 0 : (len64 > p.max_len ? p.max_len : len64);
+  len64 = len64 < 0 ? 0 : (len64 > p.cache_len ? p.cache_len : len64);
   const int vis_hi = static_cast<int>(len64);
   const int vis_lo = p.window > 0 ? max(0, vis_hi - p.window) : 0;
   const int per_split = ((vis_hi - vis_lo + p.num_splits - 1) / p.num_splits + kTileKeys - 1) / kTileKeys * kTileKeys;
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(AttentionDec
 
   // Offsets within one sequence's cache rows fit in 32 bits (the binding checks S * Hkv * D < 2^31).
   const int key_stride = p.kv_heads * D;  // elements between consecutive slots
-  const int64_t head_base = (static_cast<int64_t>(b) * p.max_len * p.kv_heads + h) * D;
+  const int64_t head_base = (static_cast<int64_t>(b) * p.cache_len * p.kv_heads + h) * D;
   const T* kg = static_cast<const T*>(p.k_cache) + head_base;
   const T* vg = static_cast<const T*>(p.v_cache) + head_base;
 
@@ -464,8 +464,8 @@ cudaError_t attention_decode_launch(const AttentionDecodeParams& p, cudaStream_t
   if (p.batch == 0 || p.q_heads == 0) return cudaSuccess;
   const Variant v = pick(p.head_dim, p.q_heads, p.kv_heads, p.dtype);
   if (v.fn == nullptr) return cudaErrorNotSupported;
-  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.max_len <= 0 ||
-      p.max_len * p.kv_heads * p.head_dim > 0x7fffffff ||
+  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.cache_len <= 0 ||
+      p.cache_len * p.kv_heads * p.head_dim > 0x7fffffff ||
       p.window < 0 || (p.num_splits > 1 && (p.ws_out == nullptr || p.ws_lse == nullptr)))
     return cudaErrorInvalidValue;
   if ((reinterpret_cast<uintptr_t>(p.q) | reinterpret_cast<uintptr_t>(p.k_cache) |

@@ -17,7 +17,7 @@ struct AttentionDecodeParams {
   int q_heads;               // Hq
   int kv_heads;              // Hkv
   int head_dim;              // D
-  int64_t max_len;           // S
+  int64_t cache_len;         // S
   int window;                // W: 0 = no sliding window, else the query sees the W most recent slots (itself too)
   float scale;               // softmax scale (1/sqrt(D) for Mixtral)
   int num_splits;            // from attention_decode_num_splits (must be the value the workspace was sized for)

@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
   const int g = lane >> 2, tq = lane & 3;
   const int b = blockIdx.y, kvh = blockIdx.z;
   const int mblk = gridDim.x - 1 - blockIdx.x;
-  const int G = p.num_heads_q / p.num_heads_kv;
+  const int G = p.q_heads / p.kv_heads;
   const int tpb = kBM / G;  // tokens per block
   const int q_begin = p.cu_seqlens_q[b];
   const int n = p.cu_seqlens_q[b + 1] - q_begin;
@@ -246,8 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
       float mx = m[h];
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = quad_max(mx);
       const float base = mx == -INFINITY ? 0.f : mx;   // see the header: never -inf - (-inf)
       const float alpha = ex2_approx_ftz_f32(m[h] - base);      // m[h] = -inf -> 0 (and O, l are still 0 then)
       m[h] = mx;
@@ -298,10 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
   // Epilogue: normalise, stage the warp's 16 rows in its own Q rows (swizzled), then 16-byte coalesced stores.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float sum = l[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = inv_or_zero(quad_sum(l[h]));
     const int r = row0 + 8 * h;
 #pragma unroll
     for (int dn = 0; dn < kD / 8; ++dn) {
@@ -320,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
     if (tok < n) {
       uint4 v;
       ld_shared_v4_b32(s_q + swz(r, chunk), v);
-      *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin + tok) * p.num_heads_q + kvh * G + r % G) * kD +
+      *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(q_begin + tok) * p.q_heads + kvh * G + r % G) * kD +
                                 chunk * 8) = v;
     }
   }
@@ -328,9 +324,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm80_kernel(con
 
 template <typename T>
 cudaError_t launch_sm80(const AttentionPrefillParams& p, cudaStream_t stream) {
-  const int G = p.num_heads_q / p.num_heads_kv;
+  const int G = p.q_heads / p.kv_heads;
   const int tpb = kBM / G;
-  const dim3 grid((p.max_seqlen_q + tpb - 1) / tpb, p.batch, p.num_heads_kv);
+  const dim3 grid((p.max_seqlen_q + tpb - 1) / tpb, p.batch, p.kv_heads);
   cudaError_t err = cudaFuncSetAttribute(attention_prefill_sm80_kernel<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -341,8 +337,8 @@ cudaError_t launch_sm80(const AttentionPrefillParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t attention_prefill_sm80_launch(const AttentionPrefillParams& p, cudaStream_t stream) {
-  if (p.head_dim != kD || p.num_heads_kv <= 0 || p.num_heads_q % p.num_heads_kv != 0 ||
-      kBM % (p.num_heads_q / p.num_heads_kv) != 0)
+  if (p.head_dim != kD || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
+      kBM % (p.q_heads / p.kv_heads) != 0)
     return cudaErrorInvalidValue;
   if (p.max_seqlen_q <= 0 || p.batch <= 0) return cudaSuccess;  // nothing to compute
   switch (p.dtype) {

@@ -20,8 +20,8 @@ struct AttentionPrefillParams {
   int64_t v_stride_b, v_stride_s, v_stride_h;
   int batch;                // B
   int cache_len;            // S (seq_lens_k is clamped to it: a bad length cannot read past the cache)
-  int num_heads_q;          // Hq
-  int num_heads_kv;         // Hkv (Hq % Hkv == 0; G = Hq / Hkv must divide the kernels' 128-row tile)
+  int q_heads;              // Hq
+  int kv_heads;             // Hkv (Hq % Hkv == 0; G = Hq / Hkv must divide the kernels' 128-row tile)
   int head_dim;             // D (only 128 is implemented)
   int max_seqlen_q;         // bound on the new tokens per sequence; sizes the grid
   float scale;              // softmax scale (usually 1/sqrt(D))

@@ -122,7 +122,7 @@ struct BlockGeom {
 };
 
 __device__ __forceinline__ bool block_geom(const AttentionPrefillParams& p, BlockGeom& bg) {
-  bg.G = p.num_heads_q / p.num_heads_kv;
+  bg.G = p.q_heads / p.kv_heads;
   const int tpb = kBM / bg.G;
   bg.q_begin = p.cu_seqlens_q[blockIdx.y];
   bg.n = p.cu_seqlens_q[blockIdx.y + 1] - bg.q_begin;
@@ -295,8 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
         float mx = m[h];
 #pragma unroll
         for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * h], s[4 * i + 2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = quad_max(mx);
         const float base_m = mx == -INFINITY ? 0.f : mx;
         const float alpha = ex2_approx_ftz_f32(m[h] - base_m);
         m[h] = mx;
@@ -343,10 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
     if (bg.n_tiles > 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float sum = l[h];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const float inv = inv_or_zero(quad_sum(l[h]));
         const int r = row0 + 8 * h;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {  // dims 8i + 2t, +1: chunk i of the row, bytes 4t .. 4t+3
@@ -366,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
       if (tok < bg.n) {
         uint4 v = make_uint4(0, 0, 0, 0);
         if (bg.n_tiles > 0) ld_shared_v4_b32(s_q + sw128(r, c), v);
-        *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(bg.q_begin + tok) * p.num_heads_q + kvh * bg.G +
+        *reinterpret_cast<uint4*>(out + (static_cast<int64_t>(bg.q_begin + tok) * p.q_heads + kvh * bg.G +
                                          r % bg.G) * kD + c * 8) = v;
       }
     }
@@ -378,8 +374,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_sm90_kernel(con
 
 template <typename T>
 cudaError_t launch_sm90(const AttentionPrefillParams& p, cudaStream_t stream) {
-  const int tpb = kBM / (p.num_heads_q / p.num_heads_kv);
-  const dim3 grid((p.max_seqlen_q + tpb - 1) / tpb, p.batch, p.num_heads_kv);
+  const int tpb = kBM / (p.q_heads / p.kv_heads);
+  const dim3 grid((p.max_seqlen_q + tpb - 1) / tpb, p.batch, p.kv_heads);
   cudaError_t err = cudaFuncSetAttribute(attention_prefill_sm90_kernel<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -418,8 +414,8 @@ bool attention_prefill_sm90_available() {
 }
 
 cudaError_t attention_prefill_sm90_launch(const AttentionPrefillParams& p, cudaStream_t stream) {
-  if (p.head_dim != kD || p.num_heads_kv <= 0 || p.num_heads_q % p.num_heads_kv != 0 ||
-      kBM % (p.num_heads_q / p.num_heads_kv) != 0)
+  if (p.head_dim != kD || p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
+      kBM % (p.q_heads / p.kv_heads) != 0)
     return cudaErrorInvalidValue;
   if (p.max_seqlen_q <= 0 || p.batch <= 0) return cudaSuccess;
   switch (p.dtype) {

@@ -357,12 +357,7 @@ cudaError_t moe_route_launch(const MoeRouteParams& p, cudaStream_t stream) {
       p.top_k > p.experts || p.tokens < 0 || p.tokens * p.top_k >= (int64_t{1} << 31))
     return cudaErrorInvalidValue;
   if (moe_route_workspace_ints(p.tokens, p.experts) > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_k<float>(p, stream);
-    case DType::kBFloat16: return launch_k<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_k<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_k<typename decltype(t)::type>(p, stream); });
 }
 
 }  // namespace mixtral

@@ -16,11 +16,6 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
   using V = Vec<T, VEC>;
   const int64_t row = blockIdx.x;
@@ -78,24 +73,16 @@ cudaError_t launch_typed(const RmsNormParams& p, cudaStream_t stream) {
                        (p.residual == nullptr || p.residual_stride % kVec == 0) &&
                        (reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.w) |
                         reinterpret_cast<uintptr_t>(p.residual) | reinterpret_cast<uintptr_t>(p.out)) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(p.rows));
-  if (aligned)
-    mixtral::launch(rms_norm_kernel<T, kVec>, grid, kThreads, 0, stream, p);
-  else
-    mixtral::launch(rms_norm_kernel<T, 1>, grid, kThreads, 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(p.tokens));
+  mixtral::launch(aligned ? rms_norm_kernel<T, kVec> : rms_norm_kernel<T, 1>, grid, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t rms_norm_launch(const RmsNormParams& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_typed<float>(p, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_typed<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  if (p.tokens == 0) return cudaSuccess;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_typed<typename decltype(t)::type>(p, stream); });
 }
 
 }  // namespace mixtral

@@ -9,7 +9,7 @@ struct RmsNormParams {
   const void* w;     // [H]
   void* residual;    // [T, H] row stride residual_stride, or nullptr; updated in place to residual + x
   void* out;         // [T, H] contiguous
-  int64_t rows;      // T
+  int64_t tokens;    // T (the leading dims of x flattened)
   int64_t hidden;    // H
   int64_t x_stride;
   int64_t residual_stride;

@@ -25,11 +25,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
 // VEC fp32 values of one table row: float4 loads when VEC is a multiple of 4 (the rows are then 16-byte aligned).
 template <int VEC>
 __device__ __forceinline__ void load_table(const float* src, float (&dst)[VEC]) {
@@ -63,10 +58,10 @@ __global__ void __launch_bounds__(kThreads) rope_kv_append_kernel(RopeKvAppendPa
 
   const int64_t pos = p.positions[t];
   const int64_t seq = p.seq_ids[t];
-  const bool valid = pos >= 0 && pos < p.table_len && pos < p.max_len && seq >= 0 && seq < p.batch;
+  const bool valid = pos >= 0 && pos < p.table_len && pos < p.cache_len && seq >= 0 && seq < p.batch;
   const int col = c * VEC;
   const T* src = static_cast<const T*>(p.qkv) + (t * heads + h) * p.head_dim + col;
-  const int64_t slot = (seq * p.max_len + pos) * p.kv_heads;  // cache row offset in heads, used only when valid
+  const int64_t slot = (seq * p.cache_len + pos) * p.kv_heads;  // cache row offset in heads, used only when valid
 
   if (h >= p.q_heads + p.kv_heads) {  // v: a plain copy
     if (!valid) return;
@@ -117,10 +112,8 @@ cudaError_t launch_typed(const RopeKvAppendParams& p, cudaStream_t stream) {
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
-  if (aligned)
-    mixtral::launch(rope_kv_append_kernel<T, kVec>, grid, kThreads, 0, stream, p);
-  else
-    mixtral::launch(rope_kv_append_kernel<T, 1>, grid, kThreads, 0, stream, p);
+  mixtral::launch(aligned ? rope_kv_append_kernel<T, kVec> : rope_kv_append_kernel<T, 1>, grid, kThreads, 0, stream,
+                  p);
   return cudaGetLastError();
 }
 
@@ -129,12 +122,7 @@ cudaError_t launch_typed(const RopeKvAppendParams& p, cudaStream_t stream) {
 cudaError_t rope_kv_append_launch(const RopeKvAppendParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return cudaSuccess;
   if (p.head_dim <= 0 || p.head_dim % 2 != 0 || p.q_heads <= 0 || p.kv_heads <= 0) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_typed<float>(p, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_typed<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_typed<typename decltype(t)::type>(p, stream); });
 }
 
 }  // namespace mixtral

@@ -19,7 +19,7 @@ struct RopeKvAppendParams {
   int head_dim;              // D (even)
   int64_t table_len;         // P
   int64_t batch;             // B (cache rows)
-  int64_t max_len;           // S (cache slots per row)
+  int64_t cache_len;         // S (cache slots per row)
   DType dtype;               // of qkv, the caches and q_out
 };
 
