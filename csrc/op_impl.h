@@ -10,13 +10,13 @@
 //   kDeviceWord                     "CUDA" / "CPU": the device tensors must be on (b.on_device(t))
 //   b.empty(sizes, options, name)   output and workspace allocation (the emulator names buffers for its reports)
 //   b.guard(t), b.stream()          device guard and stream
-//   b.device_index(t)               the device whose attributes cudaDeviceGetAttribute reads
+//   b.device_attrs(t)               the attributes of t's device (DeviceAttrs; the CUDA backend caches them)
 //   b.check_launch(op, err)         launch-error check (the emulator raises its report first)
 //   b.attn_prefill_path(q)          which attention_prefill kernel
 //   b.decode_splits(n)              attention_decode's split count (n: the launcher's choice)
-//   b.moe_attrs(x), b.moe_prefill(T), b.moe_decode_fallback()
-//                                   moe_experts: device attributes, regime, and whether a declined grouped GEMM may
-//                                   fall back to the decode kernels
+//   b.moe_prefill(T), b.moe_decode_fallback()
+//                                   moe_experts: regime, and whether a declined grouped GEMM may fall back to the
+//                                   decode kernels
 #pragma once
 #include <ATen/ATen.h>
 
@@ -33,7 +33,6 @@
 #include "moe_route.h"
 #include "rms_norm.h"
 #include "rope_kv_append.h"
-// @@includes (each op family adds its header here)
 
 namespace mixtral::binding {
 
@@ -58,20 +57,21 @@ inline DType dtype_tag(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK((t).scalar_type() == (dt), op, ": " #t " must be ", dt, ", got ", (t).scalar_type())
 #define CHECK_DIM(op, t, n) TORCH_CHECK((t).dim() == (n), op, ": " #t " must be ", n, "-D, got shape ", (t).sizes())
 
-// Device attributes the MoE launchers need (host-side queries, no sync).
-struct MoeDeviceAttrs {
+// The device attributes the launchers need (host-side queries, no sync), read by read_device_attrs: the one place
+// the bindings call cudaDeviceGetAttribute.
+struct DeviceAttrs {
   int sm_count = 0;
   int max_smem_optin = 0;
   int sm_major = 0;
 };
 
-inline MoeDeviceAttrs read_moe_device_attrs(int device) {
-  MoeDeviceAttrs a;
+inline DeviceAttrs read_device_attrs(int device) {
+  DeviceAttrs a;
   TORCH_CHECK(cudaDeviceGetAttribute(&a.sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
                   cudaDeviceGetAttribute(&a.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
                       cudaSuccess &&
                   cudaDeviceGetAttribute(&a.sm_major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
-              "mixtral_ext::moe_experts: cannot read the attributes of CUDA device ", device);
+              "mixtral_ext: cannot read the attributes of CUDA device ", device);
   return a;
 }
 
@@ -332,9 +332,7 @@ at::Tensor attention_decode_impl(Backend& b, const at::Tensor& q, const at::Tens
   at::Tensor out = b.empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous), "out");
   if (B == 0) return out;
   const auto guard = b.guard(q);
-  int sm_count = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, b.device_index(q)) == cudaSuccess,
-              op, ": cannot read the SM count of ", q.device());
+  const int sm_count = b.device_attrs(q).sm_count;
   const int64_t span = window > 0 ? std::min<int64_t>(S, window) : S;  // most slots one query can see
   int splits = mixtral::attention_decode_num_splits(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv),
                                                     static_cast<int>(D), span, dtype, sm_count);
@@ -491,7 +489,7 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
   at::Tensor out_rows = b.empty({R, H}, x.options().dtype(at::kFloat), "out_rows");
   bool done = false;
   if (!quant && b.moe_prefill(T)) {
-    const MoeDeviceAttrs attrs = b.moe_attrs(x);
+    const DeviceAttrs attrs = b.device_attrs(x);
     mixtral::MoeGroupedGemmParams g{};
     g.x = x.data_ptr();
     g.sorted_tokens = sorted_tokens.data_ptr<int>();

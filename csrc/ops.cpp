@@ -2,18 +2,17 @@
 //
 // The tensor -> params logic of every op (checks, outputs, launches) lives in op_impl.h, shared with the emulation
 // binding (csrc/emu/emu_ops.cpp); this file is its CUDA backend: CUDA tensors, at::empty, the device guard, the current
-// stream, the attention_prefill path choice and the MoE device attributes. Nothing here synchronises with the host,
-// so every op can be captured in a CUDA graph.
+// stream, the attention_prefill path choice and the per-device attribute cache. Nothing here synchronises with the
+// host, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <mutex>
-#include <string>
 #include <unordered_map>
 
+#include "env.h"
 #include "op_impl.h"
 
 #ifndef MIXTRAL_EXT_ARCH_LIST
@@ -27,38 +26,39 @@ namespace {
 
 using namespace mixtral::binding;
 
-// Which kernel serves attention_prefill: MIXTRAL_EXT_ATTN_PATH=sm80|sm90|auto (default auto), read once per process.
+// The attributes of each device, read once per device (host queries, no sync) and shared by every op.
+DeviceAttrs cached_device_attrs(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, DeviceAttrs> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  return cache.emplace(device, read_device_attrs(device)).first->second;
+}
+
+// Which kernel serves attention_prefill: MIXTRAL_EXT_ATTN_PATH=auto|sm80|sm90 (default auto), read once per process.
 // auto: the Hopper wgmma kernel on compute capability 9.x when this build holds it (sm_90a pass), else the sm_80
 // mma.sync kernel; sm80 forces the mma.sync kernel on any GPU (to test it on Hopper); sm90 errors where unavailable.
-enum class AttnPathChoice { kAuto, kSm80, kSm90 };
+enum class AttnPathChoice { kAuto = 0, kSm80 = 1, kSm90 = 2 };  // indices into the accepted words below
 
 AttnPathChoice attn_path_choice() {
-  static const AttnPathChoice choice = [] {
-    const char* env = std::getenv("MIXTRAL_EXT_ATTN_PATH");
-    const std::string v = env ? env : "";
-    if (v.empty() || v == "auto") return AttnPathChoice::kAuto;
-    if (v == "sm80") return AttnPathChoice::kSm80;
-    if (v == "sm90") return AttnPathChoice::kSm90;
-    TORCH_CHECK(false, "MIXTRAL_EXT_ATTN_PATH must be sm80, sm90 or auto, got '", v, "'");
-  }();
+  static const auto choice =
+      static_cast<AttnPathChoice>(mixtral::env::choice("MIXTRAL_EXT_ATTN_PATH", {"auto", "sm80", "sm90"}));
   return choice;
 }
 
 mixtral::AttnPath attn_prefill_path(const at::Tensor& q) {
-  constexpr const char* op = "mixtral_ext::attention_prefill";
   const AttnPathChoice choice = attn_path_choice();
   if (choice == AttnPathChoice::kSm80) return mixtral::AttnPath::kSm80;
-  int major = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()) == cudaSuccess,
-              op, ": cannot read the compute capability of ", q.device());
-  const bool hopper = major == 9;
+  const bool hopper = cached_device_attrs(q.device().index()).sm_major == 9;
   // Asked once, on the first Hopper call (the loaded binary's architecture is the same for every Hopper GPU).
   const bool usable = hopper && [] {
     static const bool built = mixtral::attention_prefill_sm90_available();
     return built;
   }();
-  TORCH_CHECK(choice != AttnPathChoice::kSm90 || usable, op, ": MIXTRAL_EXT_ATTN_PATH=sm90 needs a compute "
-              "capability 9.x GPU and a build with the sm_90a kernel (MIXTRAL_EXT_ARCH containing 90a)");
+  TORCH_CHECK(choice != AttnPathChoice::kSm90 || usable, "mixtral_ext::attention_prefill: MIXTRAL_EXT_ATTN_PATH="
+              "sm90 needs a compute capability 9.x GPU and a build with the sm_90a kernel (MIXTRAL_EXT_ARCH containing "
+              "90a)");
   return usable ? mixtral::AttnPath::kSm90 : mixtral::AttnPath::kSm80;
 }
 
@@ -70,27 +70,14 @@ struct CudaBackend {
   }
   c10::cuda::CUDAGuard guard(const at::Tensor& t) const { return c10::cuda::CUDAGuard(t.device()); }
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
-  int device_index(const at::Tensor& t) const { return t.device().index(); }
+  DeviceAttrs device_attrs(const at::Tensor& t) const { return cached_device_attrs(t.device().index()); }
   void check_launch(const char* op, cudaError_t err) const {
     TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   }
   mixtral::AttnPath attn_prefill_path(const at::Tensor& q) const { return ::attn_prefill_path(q); }
-  // MIXTRAL_EXT_DECODE_SPLITS=n (read on every call) forces n splits, for tests of the split/combine path.
-  int decode_splits(int n) const {
-    if (const char* forced = std::getenv("MIXTRAL_EXT_DECODE_SPLITS"); forced != nullptr && *forced != '\0')
-      return std::max(1, std::min(std::atoi(forced), 64));
-    return n;
-  }
-  // Read once per device.
-  MoeDeviceAttrs moe_attrs(const at::Tensor& x) const {
-    static std::mutex mu;
-    static std::unordered_map<int, MoeDeviceAttrs> cache;
-    const int device = x.get_device();
-    const std::lock_guard<std::mutex> lock(mu);
-    const auto it = cache.find(device);
-    if (it != cache.end()) return it->second;
-    return cache.emplace(device, read_moe_device_attrs(device)).first->second;
-  }
+  // MIXTRAL_EXT_DECODE_SPLITS=n in 1..64 forces n splits, for tests of the split/combine path. Read on every call:
+  // the tests change it within one process.
+  int decode_splits(int n) const { return mixtral::env::integer("MIXTRAL_EXT_DECODE_SPLITS", 1, 64, n); }
   bool moe_prefill(int64_t T) const { return T > mixtral::kMoeDecodeMaxTokens; }
   bool moe_decode_fallback() const { return true; }
 };
@@ -142,7 +129,6 @@ at::Tensor moe_experts_quant_cuda(const at::Tensor& x, const at::Tensor& topk_we
                                 w13_scale, w2, w2_scale, bits);
 }
 
-// @@bindings (each op family adds its entry points above this line, its tensor -> params logic in op_impl.h)
 
 }  // namespace
 
@@ -154,5 +140,4 @@ TORCH_LIBRARY_IMPL(mixtral_ext, CUDA, m) {
   m.impl("moe_route", &moe_route_cuda);
   m.impl("moe_experts", &moe_experts_cuda);
   m.impl("moe_experts_quant", &moe_experts_quant_cuda);
-  // @@impls (each op family adds its m.impl lines above this line)
 }

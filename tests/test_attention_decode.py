@@ -269,3 +269,13 @@ def test_kernel_opcheck_and_errors(kernels):
         op(q, k, v[:, :, :4].contiguous(), seq_lens, 0.088, 0)
     with pytest.raises(RuntimeError, match="v_cache must be BFloat16"):
         op(q, k, v.half(), seq_lens, 0.088, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("value", ["four", "0", "65"])
+def test_kernel_bad_decode_splits_switch_is_an_error(kernels, monkeypatch, value):
+    """MIXTRAL_EXT_DECODE_SPLITS outside 1..64 (or not a number) is an error naming the variable, never ignored."""
+    q, k, v, seq_lens = make_inputs(2, 300, **MIXTRAL, lens=[300, 7], dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("MIXTRAL_EXT_DECODE_SPLITS", value)
+    with pytest.raises(RuntimeError, match=f"MIXTRAL_EXT_DECODE_SPLITS must be an integer from 1 to 64 .*'{value}'"):
+        torch.ops.mixtral_ext.attention_decode(q, k, v, seq_lens, 0.088, 0)

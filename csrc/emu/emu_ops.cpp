@@ -79,7 +79,8 @@ struct EmuBackend {
   }
   int guard(const at::Tensor&) const { return 0; }
   cudaStream_t stream() const { return nullptr; }
-  int device_index(const at::Tensor&) const { return 0; }
+  // Not cached: the stand-ins answer for the architecture of this call (check_arch sets it).
+  DeviceAttrs device_attrs(const at::Tensor&) const { return read_device_attrs(0); }
   void check_launch(const char* op, cudaError_t err) const {
     const std::string& report = emu::error();
     TORCH_CHECK(report.empty(), op, ": ", report);
@@ -89,7 +90,6 @@ struct EmuBackend {
     return arch >= 90 ? mixtral::AttnPath::kSm90 : mixtral::AttnPath::kSm80;
   }
   int decode_splits(int n) const { return splits > 0 ? std::min(splits, 64) : n; }
-  MoeDeviceAttrs moe_attrs(const at::Tensor&) const { return read_moe_device_attrs(0); }
   bool moe_prefill(int64_t) const { return moe_prefill_path; }
   bool moe_decode_fallback() const { return false; }  // a declined grouped GEMM is an error, not a silent fallback
 };
