@@ -19,9 +19,11 @@
 //                                   decode kernels
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -38,13 +40,20 @@ namespace mixtral::binding {
 
 using mixtral::DType;
 
-inline DType dtype_tag(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
+// The kernels' tag of a torch dtype; nullopt for the dtypes no kernel takes (float64, integers, ...).
+inline std::optional<DType> dtype_of(at::ScalarType t) {
+  switch (t) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+    default: return std::nullopt;
   }
+}
+
+inline DType dtype_tag(const at::Tensor& t, const char* op, const char* name) {
+  const std::optional<DType> dt = dtype_of(t.scalar_type());
+  TORCH_CHECK(dt.has_value(), op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return *dt;
 }
 
 #define CHECK_DEVICE_TENSOR(b, op, t) \
@@ -73,6 +82,25 @@ inline DeviceAttrs read_device_attrs(int device) {
                   cudaDeviceGetAttribute(&a.sm_major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
               "mixtral_ext: cannot read the attributes of CUDA device ", device);
   return a;
+}
+
+// attention_prefill / attention_decode: q [., Hq, D] and k_cache / v_cache [B, S, Hkv, D] of one shape, on b's
+// device, in q's dtype. Which dtypes and shapes the kernels take is each op's *_supported predicate.
+template <class Backend>
+void check_q_and_caches(Backend& b, const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache) {
+  CHECK_DEVICE_TENSOR(b, op, q);
+  CHECK_SAME_DEVICE(op, q, k_cache);
+  CHECK_SAME_DEVICE(op, q, v_cache);
+  CHECK_DIM(op, q, 3);
+  CHECK_DIM(op, k_cache, 4);
+  CHECK_DIM(op, v_cache, 4);
+  CHECK_DTYPE(op, k_cache, q.scalar_type());
+  CHECK_DTYPE(op, v_cache, q.scalar_type());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.size(3) == q.size(2), op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ",
+              q.size(2));
 }
 
 // ---- rms_norm ---------------------------------------------------------------------------------------------------
@@ -128,35 +156,25 @@ at::Tensor attention_prefill_impl(Backend& b, const at::Tensor& q, const at::Ten
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k, int64_t max_seqlen_q,
                                   double scale, int64_t window) {
   constexpr const char* op = "mixtral_ext::attention_prefill";
-  CHECK_DEVICE_TENSOR(b, op, q);
-  CHECK_SAME_DEVICE(op, q, k_cache);
-  CHECK_SAME_DEVICE(op, q, v_cache);
+  check_q_and_caches(b, op, q, k_cache, v_cache);
   CHECK_SAME_DEVICE(op, q, cu_seqlens_q);
   CHECK_SAME_DEVICE(op, q, seq_lens_k);
-  CHECK_DIM(op, q, 3);
-  CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
   CHECK_DIM(op, cu_seqlens_q, 1);
   CHECK_DIM(op, seq_lens_k, 1);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              ": q must be bfloat16 or float16, got ", q.scalar_type());
-  CHECK_DTYPE(op, k_cache, q.scalar_type());
-  CHECK_DTYPE(op, v_cache, q.scalar_type());
   CHECK_DTYPE(op, cu_seqlens_q, at::kInt);
   CHECK_DTYPE(op, seq_lens_k, at::kInt);
   CHECK_CONTIGUOUS(op, cu_seqlens_q);
   CHECK_CONTIGUOUS(op, seq_lens_k);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
-              v_cache.sizes());
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t B = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(D == 128, op, ": only head_dim 128 is implemented, got q head_dim ", D);
-  TORCH_CHECK(k_cache.size(3) == D, op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ", D);
   // Hq > 0 as well: Hq = 0 would pass the modulo and then divide by G = 0 below.
   TORCH_CHECK(Hkv > 0 && Hq > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV "
               "heads (", Hkv, ")");
-  TORCH_CHECK(mixtral::kAttnPrefillRowsPerBlock % (Hq / Hkv) == 0, op, ": the GQA group size Hq / Hkv = ", Hq / Hkv,
-              " must divide ", mixtral::kAttnPrefillRowsPerBlock);
+  const std::optional<DType> dtype = dtype_of(q.scalar_type());
+  TORCH_CHECK(dtype && mixtral::attention_prefill_supported(D, Hq, Hkv, *dtype), op, ": unsupported: only head_dim ",
+              mixtral::kAttnPrefillHeadDim, ", GQA group sizes Hq / Hkv that divide ", mixtral::kAttnPrefillRowsPerBlock,
+              " and bfloat16 / float16 are implemented; got head_dim ", D, ", Hq / Hkv = ", Hq, " / ", Hkv, " = ",
+              Hq / Hkv, ", q ", q.scalar_type());
   TORCH_CHECK(cu_seqlens_q.size(0) == B + 1, op, ": cu_seqlens_q must have B + 1 = ", B + 1, " entries, got ",
               cu_seqlens_q.size(0));
   TORCH_CHECK(seq_lens_k.size(0) == B, op, ": seq_lens_k must have B = ", B, " entries, got ", seq_lens_k.size(0));
@@ -202,7 +220,7 @@ at::Tensor attention_prefill_impl(Backend& b, const at::Tensor& q, const at::Ten
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.scale = static_cast<float>(scale);
   p.window = static_cast<int>(std::min<int64_t>(window, int64_t{1} << 30));
-  p.dtype = q.scalar_type() == at::kBFloat16 ? mixtral::DType::kBFloat16 : mixtral::DType::kFloat16;
+  p.dtype = *dtype;
   const auto guard = b.guard(q);
   const mixtral::AttnPath path = b.attn_prefill_path(q);
   b.check_launch(op, mixtral::attention_prefill_launch(p, path, b.stream()));
@@ -290,29 +308,17 @@ at::Tensor attention_decode_impl(Backend& b, const at::Tensor& q, const at::Tens
                                  const at::Tensor& v_cache,
                                  const at::Tensor& seq_lens, double scale, int64_t window) {
   constexpr const char* op = "mixtral_ext::attention_decode";
-  CHECK_DEVICE_TENSOR(b, op, q);
-  CHECK_SAME_DEVICE(op, q, k_cache);
-  CHECK_SAME_DEVICE(op, q, v_cache);
+  check_q_and_caches(b, op, q, k_cache, v_cache);
   CHECK_SAME_DEVICE(op, q, seq_lens);
-  CHECK_DIM(op, q, 3);
-  CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
   CHECK_DIM(op, seq_lens, 1);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-              ": q must be bfloat16 or float16, got ", q.scalar_type());
-  CHECK_DTYPE(op, k_cache, q.scalar_type());
-  CHECK_DTYPE(op, v_cache, q.scalar_type());
   CHECK_DTYPE(op, seq_lens, at::kInt);
   CHECK_CONTIGUOUS(op, q);
   CHECK_CONTIGUOUS(op, k_cache);
   CHECK_CONTIGUOUS(op, v_cache);
   CHECK_CONTIGUOUS(op, seq_lens);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
-              v_cache.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t S = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(0) == B, op, ": k_cache has ", k_cache.size(0), " sequences, q has ", B);
-  TORCH_CHECK(k_cache.size(3) == D, op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ", D);
   TORCH_CHECK(seq_lens.size(0) == B, op, ": seq_lens must have B = ", B, " entries, got ", seq_lens.size(0));
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": q heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv,
               ")");
@@ -320,11 +326,12 @@ at::Tensor attention_decode_impl(Backend& b, const at::Tensor& q, const at::Tens
   TORCH_CHECK(B < 65536 && Hkv < 65536 && S > 0 && S * Hkv * D < (int64_t{1} << 31), op,
               ": sizes out of range (B, Hkv < 65536, 0 < S, S * Hkv * D < 2^31), got B = ", B, ", Hkv = ", Hkv,
               ", S = ", S);
-  const DType dtype = q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  TORCH_CHECK(mixtral::attention_decode_supported(static_cast<int>(D), static_cast<int>(Hq), static_cast<int>(Hkv),
-                                                  dtype),
-              op, ": unsupported shape: head_dim must be 16, 32, 64 or 128 and Hq / Hkv 1, 2, 4 or 8; got head_dim ",
-              D, ", Hq ", Hq, ", Hkv ", Hkv);
+  const std::optional<DType> dtype_or = dtype_of(q.scalar_type());
+  TORCH_CHECK(dtype_or && mixtral::attention_decode_supported(static_cast<int>(D), static_cast<int>(Hq),
+                                                              static_cast<int>(Hkv), *dtype_or),
+              op, ": unsupported shape or dtype: head_dim must be 16, 32, 64 or 128, Hq / Hkv 1, 2, 4 or 8 and q "
+              "bfloat16 or float16; got head_dim ", D, ", Hq ", Hq, ", Hkv ", Hkv, ", q ", q.scalar_type());
+  const DType dtype = *dtype_or;
   for (const at::Tensor* t : {&q, &k_cache, &v_cache})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": q, k_cache and v_cache must be 16-byte "
                 "aligned");
@@ -373,13 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   CHECK_DEVICE_TENSOR(b, op, router_logits);
   CHECK_DIM(op, router_logits, 2);
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= mixtral::kMoeRouteMaxExperts, op, ": router_logits has ", E,
-              " experts (columns); supported: 1 to ", mixtral::kMoeRouteMaxExperts);
-  TORCH_CHECK(top_k >= 1 && top_k <= mixtral::kMoeRouteMaxTopK && top_k <= E, op, ": top_k must be in 1..",
-              std::min<int64_t>(E, mixtral::kMoeRouteMaxTopK), " for ", E, " experts, got ", top_k);
+  const DType dt = dtype_tag(router_logits, op, "router_logits");
+  TORCH_CHECK(mixtral::moe_route_supported(E, top_k, dt), op, ": unsupported: router_logits has ", E,
+              " experts (columns) and top_k = ", top_k, "; supported: 1 to ", mixtral::kMoeRouteMaxExperts,
+              " experts, top_k in 1..min(E, ", mixtral::kMoeRouteMaxTopK, ")");
   TORCH_CHECK(router_logits.stride(1) == 1 || E == 1, op, ": router_logits' expert dimension must be contiguous");
   TORCH_CHECK(T * top_k < (int64_t{1} << 31), op, ": T * top_k = ", T * top_k, " rows exceed the int32 indices");
-  const DType dt = dtype_tag(router_logits, op, "router_logits");
   const auto guard = b.guard(router_logits);
   const auto i32 = router_logits.options().dtype(at::kInt);
   at::Tensor weights = b.empty({T, top_k}, router_logits.options().dtype(at::kFloat), "weights");
@@ -419,6 +425,17 @@ struct MoeQuantArgs {
   const float* w2_scale = nullptr;
 };
 
+// The kernels' limits on E, H and I for the weight format (moe_experts_supported), x's dtype checked before.
+inline void check_moe_experts_supported(const char* op, int64_t E, int64_t H, int64_t I, mixtral::WeightFormat wformat,
+                                        const at::Tensor& x) {
+  const int64_t multiple = mixtral::moe_experts_width_multiple(wformat);
+  TORCH_CHECK(mixtral::moe_experts_supported(E, H, I, wformat, dtype_tag(x, op, "x")), op, ": unsupported: ", E,
+              " experts, H = ", H, ", I = ", I, "; supported: 1 to ", mixtral::kMoeMaxExperts, " experts, H and I "
+              "positive multiples of ", multiple, wformat == mixtral::WeightFormat::kDense ? " (16-byte vectors)"
+              : wformat == mixtral::WeightFormat::kInt8 ? " for 8-bit weights (16-byte vectors)"
+              : " for 4-bit weights (whole 128-input scale groups)");
+}
+
 // `quant` (internal, from moe_experts_quant_impl): quantized w13 / w2 already checked there, run on the decode GEMVs.
 template <class Backend>
 at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
@@ -447,9 +464,7 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
                 w13.sizes());
     TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
                 ", ", I, "], got ", w2.sizes());
-    TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
-    TORCH_CHECK(H > 0 && I > 0 && H % 8 == 0 && I % 8 == 0, op, ": H = ", H, " and I = ", I,
-                " must be positive multiples of 8 (16-byte vectors)");
+    check_moe_experts_supported(op, E, H, I, mixtral::WeightFormat::kDense, x);
   }
   CHECK_DIM(op, topk_weights, 2);
   const int64_t k = topk_weights.size(1);
@@ -603,10 +618,8 @@ at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Ten
   for (const at::Tensor* t : {&x, &w13, &w13_scale, &w2, &w2_scale})
     TORCH_CHECK(t->is_contiguous(), op, ": x, w13, w13_scale, w2 and w2_scale must be contiguous");
   const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  const int64_t per_byte = bits == 8 ? 1 : 2, multiple = bits == 8 ? 16 : mixtral::kInt4Group;
-  TORCH_CHECK(E >= 1 && E <= 64, op, ": ", E, " experts; supported: 1 to 64");
-  TORCH_CHECK(H > 0 && I > 0 && H % multiple == 0 && I % multiple == 0, op, ": H = ", H, " and I = ", I,
-              " must be positive multiples of ", multiple, " for ", bits, "-bit weights");
+  const int64_t per_byte = bits == 8 ? 1 : 2;
+  check_moe_experts_supported(op, E, H, I, bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4, x);
   TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) * per_byte == H, op, ": w13 must be [E, 2I, ", H / per_byte,
               "] for H = ", H, ", got ", w13.sizes());
   TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) * per_byte == I, op, ": w2 must be [", E, ", ", H,
@@ -633,6 +646,62 @@ at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Ten
   q.w13_scale = w13_scale.data_ptr<float>();
   q.w2_scale = w2_scale.data_ptr<float>();
   return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2, &q);
+}
+
+// ---- what each kernel supports ----------------------------------------------------------------------------------
+// torch.ops.<namespace>.<op>_supported(<shape ints>, dtype) -> bool for every op: the kernels' own predicates (in
+// their headers), asked by mixtral_ext/ops.py (CUDA tensors of an unsupported shape or dtype run the reference) and
+// by generate.graphs_supported. Both bindings register them (ops.cpp in mixtral_ext, emu_ops.cpp in mixtral_emu), so
+// the emulation build tests the very predicates the CUDA build carries. No tensors: one kernel for every backend.
+inline bool int_range(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
+
+inline bool rms_norm_supported_op(at::ScalarType dtype) { return dtype_of(dtype).has_value(); }  // every DType
+
+inline bool rope_kv_append_supported_op(at::ScalarType dtype) { return dtype_of(dtype).has_value(); }  // every DType
+
+inline bool attention_prefill_supported_op(int64_t head_dim, int64_t q_heads, int64_t kv_heads, at::ScalarType dtype) {
+  const std::optional<DType> dt = dtype_of(dtype);
+  return dt && mixtral::attention_prefill_supported(head_dim, q_heads, kv_heads, *dt);
+}
+
+inline bool attention_decode_supported_op(int64_t head_dim, int64_t q_heads, int64_t kv_heads, at::ScalarType dtype) {
+  const std::optional<DType> dt = dtype_of(dtype);
+  return dt && int_range(head_dim) && int_range(q_heads) && int_range(kv_heads) &&
+         mixtral::attention_decode_supported(static_cast<int>(head_dim), static_cast<int>(q_heads),
+                                             static_cast<int>(kv_heads), *dt);
+}
+
+inline bool moe_route_supported_op(int64_t experts, int64_t top_k, at::ScalarType dtype) {
+  const std::optional<DType> dt = dtype_of(dtype);
+  return dt && mixtral::moe_route_supported(experts, top_k, *dt);
+}
+
+inline bool moe_experts_supported_op(int64_t experts, int64_t hidden, int64_t inter_size, at::ScalarType dtype) {
+  const std::optional<DType> dt = dtype_of(dtype);
+  return dt && mixtral::moe_experts_supported(experts, hidden, inter_size, mixtral::WeightFormat::kDense, *dt);
+}
+
+// bits: 8 (int8) or 4 (packed int4); any other value is not supported.
+inline bool moe_experts_quant_supported_op(int64_t experts, int64_t hidden, int64_t inter_size, int64_t bits,
+                                           at::ScalarType dtype) {
+  const std::optional<DType> dt = dtype_of(dtype);
+  return dt && (bits == 8 || bits == 4) &&
+         mixtral::moe_experts_supported(experts, hidden, inter_size,
+                                        bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4, *dt);
+}
+
+inline void define_supported_ops(torch::Library& m) {
+  m.def("rms_norm_supported(ScalarType dtype) -> bool", &rms_norm_supported_op);
+  m.def("rope_kv_append_supported(ScalarType dtype) -> bool", &rope_kv_append_supported_op);
+  m.def("attention_prefill_supported(int head_dim, int q_heads, int kv_heads, ScalarType dtype) -> bool",
+        &attention_prefill_supported_op);
+  m.def("attention_decode_supported(int head_dim, int q_heads, int kv_heads, ScalarType dtype) -> bool",
+        &attention_decode_supported_op);
+  m.def("moe_route_supported(int experts, int top_k, ScalarType dtype) -> bool", &moe_route_supported_op);
+  m.def("moe_experts_supported(int experts, int hidden, int inter_size, ScalarType dtype) -> bool",
+        &moe_experts_supported_op);
+  m.def("moe_experts_quant_supported(int experts, int hidden, int inter_size, int bits, ScalarType dtype) -> bool",
+        &moe_experts_quant_supported_op);
 }
 
 }  // namespace mixtral::binding

@@ -132,6 +132,9 @@ at::Tensor moe_experts_quant_cuda(const at::Tensor& x, const at::Tensor& topk_we
 
 }  // namespace
 
+// The *_supported predicates (op_impl.h): schemas of their own, next to those mixtral_ext/ops.py defines from Python.
+TORCH_LIBRARY_FRAGMENT(mixtral_ext, m) { define_supported_ops(m); }
+
 TORCH_LIBRARY_IMPL(mixtral_ext, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("attention_prefill", &attention_prefill_cuda);

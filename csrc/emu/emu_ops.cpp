@@ -273,4 +273,5 @@ TORCH_LIBRARY(mixtral_emu, m) {
   m.def("selftest(str name, Tensor(a!)[] bufs, int arg) -> ()", &selftest);
   m.def("stats() -> str", &stats);
   m.def("reset_stats() -> ()", &reset_stats);
+  define_supported_ops(m);  // the CUDA build's *_supported predicates, the very same code
 }

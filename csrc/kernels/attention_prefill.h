@@ -31,6 +31,17 @@ struct AttentionPrefillParams {
 
 // The query rows (token, head) one thread block covers: the G heads of one KV head for 128 / G tokens.
 constexpr int kAttnPrefillRowsPerBlock = 128;
+// The one head_dim both paths implement.
+constexpr int kAttnPrefillHeadDim = 128;
+
+// Whether both paths implement this shape / dtype: D = kAttnPrefillHeadDim, Hq a multiple of Hkv whose group size
+// G = Hq / Hkv divides kAttnPrefillRowsPerBlock (a block holds whole groups), bf16 or fp16. The binding's checks and
+// mixtral_ext/ops.py (which sends other shapes to the reference) both ask this.
+inline bool attention_prefill_supported(int64_t head_dim, int64_t q_heads, int64_t kv_heads, DType dtype) {
+  return head_dim == kAttnPrefillHeadDim && kv_heads > 0 && q_heads > 0 && q_heads % kv_heads == 0 &&
+         kAttnPrefillRowsPerBlock % (q_heads / kv_heads) == 0 &&
+         (dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+}
 
 // Whether this build holds the sm_90a kernel (false when the sm_90a pass was not compiled).
 bool attention_prefill_sm90_available();

@@ -17,6 +17,26 @@ constexpr int64_t kMoeDecodeMaxTokens = 64;
 enum class WeightFormat : int { kDense = 0, kInt8 = 1, kInt4 = 2 };
 constexpr int64_t kInt4Group = 128;
 
+// The most experts moe_experts takes (the decode GEMVs' limit; the grouped GEMM's is higher).
+constexpr int64_t kMoeMaxExperts = 64;
+
+// H and I must be multiples of this: whole 16-byte weight vectors (8 dense bf16/fp16 weights, 16 int8) and, for int4,
+// whole kInt4Group scale groups.
+constexpr int64_t moe_experts_width_multiple(WeightFormat wformat) {
+  return wformat == WeightFormat::kInt8 ? 16 : (wformat == WeightFormat::kInt4 ? kInt4Group : 8);
+}
+
+// Whether moe_experts (kDense) / moe_experts_quant (kInt8, kInt4) implement E experts of [2I, H] / [H, I] weights
+// for bf16 / fp16 activations: 1 <= E <= kMoeMaxExperts, H and I positive multiples of
+// moe_experts_width_multiple(wformat). Both regimes: the grouped GEMM takes every shape the decode GEMVs take. The
+// binding's checks and mixtral_ext/ops.py ask this.
+inline bool moe_experts_supported(int64_t experts, int64_t hidden, int64_t inter_size, WeightFormat wformat,
+                                  DType dtype) {
+  const int64_t multiple = moe_experts_width_multiple(wformat);
+  return experts >= 1 && experts <= kMoeMaxExperts && hidden > 0 && inter_size > 0 && hidden % multiple == 0 &&
+         inter_size % multiple == 0 && (dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+}
+
 // Rows are the R = T*k (token, slot) pairs in expert-sorted order (moe_route's sorted_tokens / expert_offsets).
 struct MoeDecodeParams {
   const void* x;               // [T, H] token order

@@ -8,6 +8,13 @@ namespace mixtral {
 constexpr int kMoeRouteMaxExperts = 64;  // per-expert tables in shared memory are sized for 64
 constexpr int kMoeRouteMaxTopK = 4;      // the k best are kept in registers (compile-time k in 1..4)
 
+// Whether the kernels implement E experts, k per token, logits of this dtype (every DType): 1 <= E <=
+// kMoeRouteMaxExperts, 1 <= k <= min(E, kMoeRouteMaxTopK). The binding's checks and mixtral_ext/ops.py ask this.
+inline bool moe_route_supported(int64_t experts, int64_t top_k, DType dtype) {
+  return experts >= 1 && experts <= kMoeRouteMaxExperts && top_k >= 1 && top_k <= kMoeRouteMaxTopK &&
+         top_k <= experts && (dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+}
+
 struct MoeRouteParams {
   const void* logits;      // [T, E], rows logits_stride elements apart, E contiguous; dtype below
   float* topk_weights;     // [T, k] softmax over the k chosen logits (== full softmax, top-k, renormalised)
