@@ -81,27 +81,20 @@ def weights_key(model):
 def graphs_supported(model):
     """CUDA graphs need every op of the decode step to run a CUDA kernel for the model's dtype and shapes: the
     reference fallbacks (ops._dispatch) read device values on the host (moe_experts' .tolist()), which capture
-    forbids. ops.KERNEL_SHAPES is asked about the decode step's own shapes, on meta tensors."""
+    forbids. The kernels' own predicates (ops.kernel_supported) are asked about the decode step's shapes."""
     if model.device.type != "cuda":
         return False
-    quantize = getattr(model, "quantize", None)
-    experts_op = "moe_experts_quant" if quantize else "moe_experts"
-    # Only the experts op this model runs counts (a bf16 model does not need the quantized one, and vice versa).
-    used = [name for name in ops.OP_NAMES if name not in ("moe_experts", "moe_experts_quant") or name == experts_op]
-    if not all(ops.has_cuda_kernel(name) and model.dtype in ops.KERNEL_DTYPES[name] for name in used):
-        return False
+    quantize, dt = getattr(model, "quantize", None), model.dtype
     cfg, shard = model.config, model.shard  # the shapes this rank runs (all heads and experts in one process)
-    meta = dict(device="meta", dtype=model.dtype)
-    q = torch.empty(1, shard.q_heads, cfg.head_dim, **meta)  # [B, Hq, D]
-    k_cache = torch.empty(1, 1, shard.kv_heads, cfg.head_dim, **meta)  # [B, S, Hkv, D]
-    E, k, H = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    x = torch.empty(1, H, **meta)
-    moe = model.layers[0].moe  # every layer's experts have the same shapes (this rank's)
-    experts = (moe.w13, moe.w2) if not quantize else (moe.w13, moe.w13_scale, moe.w2, moe.w2_scale,
-                                                      8 if quantize == "int8" else 4)
-    return (ops.KERNEL_SHAPES["attention_decode"](q, k_cache, k_cache)
-            and ops.KERNEL_SHAPES["moe_route"](torch.empty(1, E, **meta), k)
-            and ops.KERNEL_SHAPES[experts_op](x, None, None, None, None, None, *experts))
+    w13 = model.layers[0].moe.w13  # [E, 2I, H or H/2]: this rank's experts (every layer's have the same shapes)
+    E, H, I = w13.shape[0], cfg.hidden_size, w13.shape[1] // 2
+    # The decode step's ops: (name, the predicate's arguments). Only the experts op this model runs counts.
+    step = [("rms_norm", dt), ("rope_kv_append", dt),
+            ("attention_decode", cfg.head_dim, shard.q_heads, shard.kv_heads, dt),
+            ("moe_route", cfg.num_local_experts, cfg.num_experts_per_tok, dt),
+            ("moe_experts_quant", E, H, I, 8 if quantize == "int8" else 4, dt) if quantize
+            else ("moe_experts", E, H, I, dt)]
+    return all(ops.has_cuda_kernel(name) and ops.kernel_supported(name, *args) for name, *args in step)
 
 
 class GenerationState:

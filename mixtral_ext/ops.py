@@ -7,6 +7,7 @@ friendly spelling the model uses; on tensors off the GPU they run the model's CP
 numerics at transformers' speed) rather than the reference, which stays the oracle and the registered CPU kernel.
 """
 import glob
+import operator
 import os
 import warnings
 from typing import NamedTuple
@@ -128,49 +129,55 @@ class Route(NamedTuple):
     token_rows: torch.Tensor  # [T, k] int32
 
 
-# The dtypes each CUDA kernel implements; other dtypes on a CUDA tensor (e.g. a float32 model on the GPU) run the
-# reference instead, so every op works for every dtype on every device.
-_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
-KERNEL_DTYPES = {
-    "rms_norm": (_F32, _BF16, _F16),
-    "rope_kv_append": (_F32, _BF16, _F16),
-    "attention_prefill": (_BF16, _F16),
-    "attention_decode": (_BF16, _F16),
-    "moe_route": (_F32, _BF16, _F16),
-    "moe_experts": (_BF16, _F16),
-    "moe_experts_quant": (_BF16, _F16),
+# The CUDA kernels' own predicates: torch.ops.mixtral_ext.<op>_supported(<shape ints>, dtype) -> bool, registered by
+# _C (csrc/op_impl.h define_supported_ops; the limits live in the kernels' headers, next to the code they describe).
+# The emulation build registers the same predicates as torch.ops.mixtral_emu.*_supported (tests/test_supported.py).
+_PREDICATES = torch.ops.mixtral_ext if HAS_CUDA_KERNELS else None
+
+# Each op's arguments (as the functions below pass them to _dispatch) -> its predicate's arguments.
+PREDICATE_ARGS = {
+    "rms_norm": lambda x, *_: (x.dtype,),
+    "rope_kv_append": lambda qkv, *_: (qkv.dtype,),
+    # (head_dim, q_heads, kv_heads, dtype) from q [., Hq, D] and k_cache [B, S, Hkv, D]
+    "attention_prefill": lambda q, k_cache, *_: (q.shape[-1], q.shape[1], k_cache.shape[2], q.dtype),
+    "attention_decode": lambda q, k_cache, *_: (q.shape[-1], q.shape[1], k_cache.shape[2], q.dtype),
+    # (experts, top_k, dtype) from router_logits [T, E]
+    "moe_route": lambda logits, top_k: (logits.shape[-1], top_k, logits.dtype),
+    # (experts, hidden, inter_size[, bits], dtype) from x [T, H], the five routing tensors and w13 [E, 2I, .]
+    "moe_experts": lambda x, *rest: (rest[5].shape[0], x.shape[-1], rest[5].shape[1] // 2, x.dtype),
+    "moe_experts_quant": lambda x, *rest: (rest[5].shape[0], x.shape[-1], rest[5].shape[1] // 2, rest[9], x.dtype),
 }
 
 
-def _group(q, k_cache):
-    """Query heads per KV head, or None for an invalid pairing (the kernel then raises its clear error)."""
-    hq, hkv = q.shape[1], k_cache.shape[2]
-    return hq // hkv if hkv > 0 and hq >= hkv and hq % hkv == 0 else None
+@torch.compiler.assume_constant_result  # a host-side answer about static shapes: a constant in a compiled graph
+def _ask(name, *args):
+    return _PREDICATES is not None and bool(getattr(_PREDICATES, f"{name}_supported")(*args))
 
 
-# Shapes the CUDA kernels specialise for (head_dim and query heads per KV head); other valid shapes (small test
-# configs on a GPU) run the reference rather than fail. Mixtral's own (D = 128, 4 query heads per KV head) qualify.
-KERNEL_SHAPES = {
-    "attention_prefill": lambda q, k_cache, *_: (_group(q, k_cache) is None
-                                                 or (q.shape[-1] == 128 and 128 % _group(q, k_cache) == 0)),
-    "attention_decode": lambda q, k_cache, *_: (_group(q, k_cache) is None
-                                                or (q.shape[-1] in (16, 32, 64, 128)
-                                                    and _group(q, k_cache) in (1, 2, 4, 8))),
-    # Up to 64 experts and 4 per token; hidden and expert widths in whole 16-byte vectors.
-    "moe_route": lambda logits, top_k: logits.shape[-1] <= 64 and top_k <= 4,
-    "moe_experts": lambda x, *route_w13_w2: (x.shape[-1] % 8 == 0 and route_w13_w2[-1].shape[-1] % 8 == 0
-                                            and route_w13_w2[-2].shape[0] <= 64),
-    # The arguments after x: the five routing tensors, w13, w13_scale, w2, w2_scale, bits. Up to 64 experts; H and I
-    # in whole 16-byte weight vectors (int8: multiples of 16; int4 needs multiples of 128 anyway).
-    "moe_experts_quant": lambda x, *rest: (rest[5].shape[0] <= 64 and x.shape[-1] % 16 == 0
-                                           and (rest[5].shape[1] // 2) % 16 == 0),
-}
+_ASKED = {}  # (name, *args) -> bool: one predicate call per shape (~5 us through the dispatcher), then a lookup
+
+
+def kernel_supported(name, *args):
+    """Whether _C's CUDA kernel of op `name` implements these shapes and dtype: args are the predicate's own, e.g.
+    kernel_supported("attention_decode", head_dim, q_heads, kv_heads, torch.bfloat16). False without _C."""
+    # operator.index: under torch.compile a symbolic size becomes its value (and a guard), so the answer is a constant.
+    key = (name, *(a if isinstance(a, torch.dtype) else operator.index(a) for a in args))
+    answer = _ASKED.get(key)
+    if answer is None:
+        answer = _ASKED[key] = _ask(*key)
+    return answer
 
 
 def _dispatch(name, key, *args):
     if not key.is_cuda:  # the model's CPU path (cpu.py), called directly: transformers' numerics, no dispatcher
         return getattr(cpu, name)(*args)
-    if key.dtype not in KERNEL_DTYPES[name] or not KERNEL_SHAPES.get(name, lambda *a: True)(*args):
+    try:
+        shape = PREDICATE_ARGS[name](*args)
+    except IndexError:  # tensors of the wrong rank: the kernel's checks name the problem
+        return getattr(torch.ops.mixtral_ext, name)(*args)
+    # A shape or dtype the kernel does not implement (e.g. a float32 model, a small test config on a GPU) runs the
+    # reference, so every op works for every dtype on every device; so does every op when _C is not loaded.
+    if not kernel_supported(name, *shape):
         return getattr(reference, name)(*args)
     return getattr(torch.ops.mixtral_ext, name)(*args)
 
