@@ -90,17 +90,16 @@ template <class Backend>
 void check_q_and_caches(Backend& b, const char* op, const at::Tensor& q, const at::Tensor& k_cache,
                         const at::Tensor& v_cache) {
   CHECK_DEVICE_TENSOR(b, op, q);
-  CHECK_SAME_DEVICE(op, q, k_cache);
-  CHECK_SAME_DEVICE(op, q, v_cache);
   CHECK_DIM(op, q, 3);
+  CHECK_SAME_DEVICE(op, q, k_cache);
   CHECK_DIM(op, k_cache, 4);
-  CHECK_DIM(op, v_cache, 4);
   CHECK_DTYPE(op, k_cache, q.scalar_type());
+  TORCH_CHECK(k_cache.size(3) == q.size(2), op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ",
+              q.size(2));
+  CHECK_SAME_DEVICE(op, q, v_cache);
   CHECK_DTYPE(op, v_cache, q.scalar_type());
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache shape ", k_cache.sizes(), " differs from v_cache ",
               v_cache.sizes());
-  TORCH_CHECK(k_cache.size(3) == q.size(2), op, ": k_cache head_dim ", k_cache.size(3), " differs from q's ",
-              q.size(2));
 }
 
 // ---- rms_norm ---------------------------------------------------------------------------------------------------
