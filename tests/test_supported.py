@@ -228,6 +228,21 @@ def test_kernel_supported_asks_once_per_shape(emu_built, monkeypatch):
     assert asked == [(64, 4, BF16), (65, 4, BF16)]
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_kernel_supported_is_a_constant_under_torch_compile(emu_built, monkeypatch, dynamic):
+    """On a GPU, torch.compile traces _dispatch: the predicate's answer must become a constant (with a guard on the
+    sizes it read), not a graph break; dynamic=True makes the sizes symbolic."""
+    monkeypatch.setattr(ops, "_PREDICATES", torch.ops.mixtral_emu)
+    monkeypatch.setattr(ops, "_ASKED", {})
+
+    def fn(logits):
+        return logits + 1 if ops.kernel_supported("moe_route", logits.shape[-1], 4, logits.dtype) else logits - 1
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)
+    for E, expected in ((8, 1.0), (64, 1.0), (65, -1.0), (9, 1.0)):
+        assert compiled(torch.zeros(2, E))[0, 0].item() == expected, E
+
+
 def test_graphs_supported_asks_the_decode_steps_predicates(emu_built, monkeypatch):
     """generate.graphs_supported with plain ints: a model whose decode kernel takes its heads, and one whose
     head_dim (96) it does not (the same tiny config otherwise)."""
