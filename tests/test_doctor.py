@@ -9,19 +9,10 @@ import pytest
 
 from mixtral_ext import cli, doctor, emu
 
-REQUIRED = os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _need_emu():
-    if not emu.available():
-        if REQUIRED:
-            pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}")
-        pytest.skip(f"emulation extension not built: {emu.status()}")
-
-
-def test_doctor_subprocess_passes_and_lists_paths():
-    _need_emu()
+def test_doctor_subprocess_passes_and_lists_paths(emu_built):
     r = subprocess.run([sys.executable, "-m", "mixtral_ext", "doctor", "--emu", "--only", "rms_norm", "--only",
                         "moe_route", "--only", "attention_decode"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
@@ -36,9 +27,8 @@ def test_doctor_subprocess_passes_and_lists_paths():
     assert "6 passed, 0 failed" in r.stdout
 
 
-def test_doctor_fails_when_a_kernel_disagrees_with_the_reference(capsys, monkeypatch):
+def test_doctor_fails_when_a_kernel_disagrees_with_the_reference(emu_built, capsys, monkeypatch):
     """A wrong answer (the kernel's output moved by a quarter) is a FAIL line and exit 1."""
-    _need_emu()
     real = emu.rms_norm
 
     def off(*a, **k):
@@ -52,9 +42,8 @@ def test_doctor_fails_when_a_kernel_disagrees_with_the_reference(capsys, monkeyp
     assert "FAIL" in out and "0 passed, 2 failed" in out
 
 
-def test_doctor_emulator_report_is_a_fail(capsys, monkeypatch):
+def test_doctor_emulator_report_is_a_fail(emu_built, capsys, monkeypatch):
     """An emulator report (race, deadlock, out-of-bounds...) raises RuntimeError: a FAIL line carrying its text."""
-    _need_emu()
 
     def boom(*a, **k):
         raise RuntimeError("mixtral_ext.emu.rms_norm: shared-memory race between a.cu:1 and a.cu:2")

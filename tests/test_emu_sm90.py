@@ -2,20 +2,12 @@
 instructions against float math and the documented layouts, then both sm_90a kernels (attention_prefill_sm90 and
 the grouped GEMM of moe_experts) through the emulator on reduced shapes against the references, under the 2x rule,
 and the setmaxnreg register guards. CPU only; skipped when the emulation extension is not built."""
-import os
-
 import pytest
 import torch
 
 from numerics import assert_2x_rule
 
-emu = pytest.importorskip("mixtral_ext.emu")
-
-if not emu.available():
-    if os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1":
-        pytest.fail(f"MIXTRAL_EXT_REQUIRE_BUILD=1 but the emulation extension is unavailable: {emu.status()}",
-                    pytrace=False)
-    pytest.skip(f"emulation extension not built: {emu.status()}", allow_module_level=True)
+from mixtral_ext import emu
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -25,8 +17,9 @@ def _f16(dtype):
 
 
 @pytest.fixture(autouse=True)
-def default_registers():
-    """Every test starts and ends with the default register count (168, what ptxas gives both kernels)."""
+def default_registers(emu_built):
+    """Every test starts and ends with the default register count (168, what ptxas gives both kernels); through
+    emu_built, every test skips (fails under MIXTRAL_EXT_REQUIRE_BUILD=1) without the emulation build."""
     emu.set_num_regs(168)
     yield
     emu.set_num_regs(168)
