@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixtral_ext.generate import SamplingConfig, _next_tokens, graphs_supported
-from test_model import CONFIGS, hf_checkpoint, ours
+from checkpoints import CONFIGS, hf_checkpoint, ours
 
 transformers = pytest.importorskip("transformers")
 

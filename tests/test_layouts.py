@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import mixtral_ext as mx
 from mixtral_ext.weights import CheckpointError, find_checkpoint
-from test_model import hf_checkpoint, rel_err
-from test_weights import _hf_tensors, _write_consolidated, _write_hf
+from checkpoints import hf_checkpoint, hf_tensors, rel_err, write_consolidated, write_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +84,7 @@ def test_transformers_v5_fused_layout_is_validated(tmp_path):
 
 def test_mlx_layout_matches_transformers(tmp_path):
     """mlx-lm stacks each layer's experts into block_sparse_moe.switch_mlp.{gate,up,down}_proj."""
-    t = _hf_tensors(NAME)
+    t = hf_tensors(NAME)
     out = {}
     for n in range(3):
         m = f"model.layers.{n}.block_sparse_moe"
@@ -93,7 +92,7 @@ def test_mlx_layout_matches_transformers(tmp_path):
             out[f"{m}.switch_mlp.{theirs}.weight"] = torch.stack([t.pop(f"{m}.experts.{e}.{ours}.weight")
                                                                  for e in range(5)])
     out.update(t)
-    path = _write_hf(tmp_path, out)
+    path = write_hf(tmp_path, out)
     assert find_checkpoint(path)[0] == "mlx"
     assert rel_err(_load(path)(_ids()), _hf_logits()) < 1e-5
 
@@ -101,10 +100,10 @@ def test_mlx_layout_matches_transformers(tmp_path):
 @pytest.mark.parametrize("suffix, layout", [(".qweight", "GPTQ/AWQ-quantized"), (".absmax", "bitsandbytes"),
                                             (".scales", "quantized"), (".weight_scale", "FP8")])
 def test_quantized_layouts_are_named(tmp_path, suffix, layout):
-    t = _hf_tensors(NAME)
+    t = hf_tensors(NAME)
     w = t.pop("model.layers.0.block_sparse_moe.experts.0.w1.weight")
     t["model.layers.0.block_sparse_moe.experts.0.w1" + suffix] = w
-    path = _write_hf(tmp_path, t)
+    path = write_hf(tmp_path, t)
     with pytest.raises(CheckpointError, match=rf"found a {layout}.*checkpoint \(tensor \S+{suffix}\); supported "
                                               r"layouts \(all of unquantized float weights\): Hugging Face per-expert.*Hugging Face "
                                               r"fused.*MLX.*Mistral"):
@@ -112,8 +111,8 @@ def test_quantized_layouts_are_named(tmp_path, suffix, layout):
 
 
 def test_unknown_layout_names_what_it_found_and_what_is_supported(tmp_path):
-    t = {k.replace("block_sparse_moe.experts.", "moe.expert_list."): v for k, v in _hf_tensors(NAME).items()}
-    path = _write_hf(tmp_path, t)
+    t = {k.replace("block_sparse_moe.experts.", "moe.expert_list."): v for k, v in hf_tensors(NAME).items()}
+    path = write_hf(tmp_path, t)
     with pytest.raises(CheckpointError, match=r"unrecognised checkpoint layout \(e\.g\. tensor model\.layers\.0\.moe"
                                               r"\.\S+\); supported layouts: .*transformers >= 5"):
         _load(path)
@@ -135,7 +134,7 @@ def test_gguf_and_adapter_directories_are_named(tmp_path):
 # ---- directories with several candidates ---------------------------------------------------------------------------
 def test_hf_next_to_consolidated_loads_one_and_says_which(tmp_path, capfd):
     """A download of the whole repository: the HF shards, Mistral's consolidated files and its pickles."""
-    path = _write_consolidated(tmp_path / "both", NAME)
+    path = write_consolidated(tmp_path / "both", NAME)
     _copy(hf_checkpoint(NAME)[1], path)
     with open(os.path.join(path, "consolidated.00.pth"), "wb") as f:
         pickle.dump({"x": 1}, f)
@@ -148,10 +147,10 @@ def test_hf_next_to_consolidated_loads_one_and_says_which(tmp_path, capfd):
 
 
 def test_incomplete_hf_next_to_complete_consolidated(tmp_path, capfd):
-    path = _write_consolidated(tmp_path / "c", NAME)
-    t = _hf_tensors(NAME)
+    path = write_consolidated(tmp_path / "c", NAME)
+    t = hf_tensors(NAME)
     del t["model.norm.weight"]
-    _write_hf(path, t)
+    write_hf(path, t)
     assert find_checkpoint(path)[0] == "consolidated"
     err = capfd.readouterr().err
     assert "loading params.json and 2 consolidated*.safetensors file(s) (consolidated layout); ignoring " \
@@ -194,11 +193,11 @@ def test_leftover_shards_of_another_sharding(tmp_path, capfd):
 
 
 def test_no_complete_candidate_names_what_each_lacks(tmp_path):
-    path = _write_consolidated(tmp_path / "c", NAME)
+    path = write_consolidated(tmp_path / "c", NAME)
     os.remove(os.path.join(path, "consolidated.01.safetensors"))
-    t = _hf_tensors(NAME)
+    t = hf_tensors(NAME)
     t["model.layers.0.self_attn.k_proj.weight"] = torch.ones(21, 48)
-    _write_hf(path, t)
+    write_hf(path, t)
     with pytest.raises(CheckpointError) as info:
         _load(path)
     msg = str(info.value)
@@ -209,9 +208,9 @@ def test_no_complete_candidate_names_what_each_lacks(tmp_path):
 
 
 def test_consolidated_weights_without_params_json(tmp_path):
-    path = _write_consolidated(tmp_path / "c", NAME)
+    path = write_consolidated(tmp_path / "c", NAME)
     os.remove(os.path.join(path, "params.json"))
-    _write_hf(path, {}, weights=False)
+    write_hf(path, {}, weights=False)
     with pytest.raises(CheckpointError, match=r"no params\.json for params\.json and 2 consolidated"):
         _load(path)
 
@@ -246,6 +245,6 @@ def test_hf_shards_with_stray_pickles_say_so(tmp_path, capfd):
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "base_model.model."])
 def test_wrapped_model_prefix_is_named(tmp_path, prefix):
-    path = _write_hf(tmp_path, {prefix + k: v for k, v in _hf_tensors(NAME).items()})
+    path = write_hf(tmp_path, {prefix + k: v for k, v in hf_tensors(NAME).items()})
     with pytest.raises(CheckpointError, match=rf"every tensor name carries the prefix '{prefix}' \(a wrapped model"):
         _load(path)

@@ -1,63 +1,14 @@
 """The whole model on the CPU (the CPU path, and the reference ops where marked cpu_impl) against transformers'
 MixtralForCausalLM: float32 logits, KV-cache consistency (every decode step equals the full forward), ragged batches.
-
-The helpers at the top (CONFIGS, hf_checkpoint, ours) are shared with test_generate.py and test_weights.py.
 """
-import atexit
-import shutil
-import tempfile
-
 import pytest
 import torch
 
 import mixtral_ext as mx
 from mixtral_ext.model import KVCache
+from checkpoints import CONFIGS, hf_checkpoint, hf_model, ours, rel_err
 
 transformers = pytest.importorskip("transformers")
-
-# Random small configs: GQA ratios 3, 1 (plain MHA), 8; odd widths; top-1/2/3 routing; a sliding window shorter
-# than the prompts. initializer_range is large so logits are spread out and greedy choices are not near-ties.
-CONFIGS = {
-    "gqa3_odd": dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
-                     num_key_value_heads=2, head_dim=10, num_local_experts=5, num_experts_per_tok=2),
-    "mha": dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=1),
-    "gqa8_top3": dict(vocab_size=131, hidden_size=56, intermediate_size=72, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=1, head_dim=6, num_local_experts=7, num_experts_per_tok=3),
-    "window": dict(vocab_size=80, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=12, num_local_experts=8, num_experts_per_tok=2, sliding_window=5),
-}
-_CACHE = {}
-_ROOT = tempfile.mkdtemp(prefix="mixtral_ext_test_")
-atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
-
-
-def hf_model(name, dtype=torch.float32, **overrides):
-    """transformers' model for CONFIGS[name] (seeded by the name), float32, eval mode."""
-    kw = dict(CONFIGS[name], max_position_embeddings=160, initializer_range=0.3, eos_token_id=None,
-              bos_token_id=None, attn_implementation="eager", **overrides)
-    torch.manual_seed(sum(map(ord, name)))
-    cfg = transformers.MixtralConfig(**kw)
-    return transformers.MixtralForCausalLM(cfg).to(dtype).eval()
-
-
-def hf_checkpoint(name, sharded=False):
-    """(transformers model, checkpoint dir written by its save_pretrained), cached per test session."""
-    key = (name, sharded)
-    if key not in _CACHE:
-        model = _CACHE[(name, not sharded)][0] if (name, not sharded) in _CACHE else hf_model(name)
-        path = f"{_ROOT}/{name}{'_sharded' if sharded else ''}"
-        model.save_pretrained(path, max_shard_size="16KB" if sharded else "10GB")
-        _CACHE[key] = (model, path)
-    return _CACHE[key]
-
-
-def ours(name, sharded=False):
-    return mx.Mixtral.from_pretrained(hf_checkpoint(name, sharded)[1], progress=False)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.usefixtures("cpu_impl")
@@ -80,9 +31,9 @@ def test_sharded_checkpoint_gives_the_same_logits():
 
 
 @pytest.mark.usefixtures("cpu_impl")
-def test_tied_embeddings():
+def test_tied_embeddings(tmp_path):
     hf = hf_model("mha", tie_word_embeddings=True)
-    path = f"{_ROOT}/tied"
+    path = str(tmp_path / "tied")
     hf.save_pretrained(path)
     model = mx.Mixtral.from_pretrained(path, progress=False)
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))

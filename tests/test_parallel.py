@@ -28,6 +28,7 @@ from mixtral_ext.model import Mixtral
 from mixtral_ext.ops import moe_experts, moe_route
 from mixtral_ext.parallel import Shard
 from mixtral_ext.weights import ModelTooLargeError, check_fits
+from checkpoints import rel_err, rotate_half_to_interleaved
 
 # 4 KV heads (so N = 2 and 4 split them), 8 experts, expert width 40 (10 per rank at N = 4), odd head_dim 6.
 CFG = MixtralConfig(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=8,
@@ -37,16 +38,6 @@ IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
 PROMPTS = [[5, 17, 3, 88, 9], [1, 2, 3, 4, 5, 6, 7, 8, 40]]  # ragged
 NEW = 10
 TIMEOUT = 240  # seconds for a whole multi-process run on a loaded 2-core machine
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _rotate_half_to_interleaved(w, n_heads, head_dim):
-    """How Mistral's release stores an HF q/k projection (the inverse of the loader's permutation)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def write_hf_sharded(path, cfg, tensors, n_files=3):
@@ -71,9 +62,9 @@ def write_consolidated(path, cfg, tensors, n_files=2):
              .replace("block_sparse_moe", "feed_forward").replace("self_attn", "attention")
              .replace("q_proj", "wq").replace("k_proj", "wk").replace("v_proj", "wv").replace("o_proj", "wo"))
         if k.endswith("attention.wq.weight"):
-            v = _rotate_half_to_interleaved(v, cfg.num_attention_heads, cfg.head_dim)
+            v = rotate_half_to_interleaved(v, cfg.num_attention_heads, cfg.head_dim)
         elif k.endswith("attention.wk.weight"):
-            v = _rotate_half_to_interleaved(v, cfg.num_key_value_heads, cfg.head_dim)
+            v = rotate_half_to_interleaved(v, cfg.num_key_value_heads, cfg.head_dim)
         out[k] = v.contiguous()
     os.makedirs(path, exist_ok=True)
     names = sorted(out)

@@ -15,65 +15,15 @@ from mixtral_ext.config import MixtralConfig
 from mixtral_ext.reference import apply_rope, rope_cos_sin
 from mixtral_ext.weights import (CheckpointError, ModelTooLargeError, _interleaved_to_rotate_half, check_fits,
                                  expected_tensors, param_bytes)
-from test_model import CONFIGS, hf_checkpoint, ours, rel_err
+from checkpoints import CONFIGS, hf_checkpoint, hf_tensors, ours, rel_err, write_consolidated, write_hf
 
-
-def _hf_tensors(name):
-    return load_file(os.path.join(hf_checkpoint(name)[1], "model.safetensors"))
-
-
-def _write_hf(path, tensors, config_from="gqa3_odd", weights=True):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(hf_checkpoint(config_from)[1], "config.json")) as f:
-        config = f.read()
-    with open(os.path.join(path, "config.json"), "w") as f:
-        f.write(config)
-    if weights:
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    return str(path)
-
-
-def _rotate_half_to_interleaved(w, n_heads, head_dim):
-    """The inverse of the loader's permutation: how Mistral's release stores an HF q/k projection."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _write_consolidated(path, name, n_files=2):
-    """Rename and re-permute the HF checkpoint of CONFIGS[name] into Mistral's consolidated layout."""
-    c = CONFIGS[name]
-    Hq, Hkv, D = c["num_attention_heads"], c["num_key_value_heads"], c.get("head_dim", c["hidden_size"] //
-                                                                           c["num_attention_heads"])
-    out = {}
-    for k, v in _hf_tensors(name).items():
-        k = (k.replace("model.embed_tokens.", "tok_embeddings.").replace("lm_head.", "output.")
-             .replace("model.norm.", "norm.").replace("model.layers.", "layers.")
-             .replace("input_layernorm", "attention_norm").replace("post_attention_layernorm", "ffn_norm")
-             .replace("block_sparse_moe", "feed_forward").replace("self_attn", "attention"))
-        for hf_proj, c_proj in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
-            k = k.replace(hf_proj, c_proj)
-        if k.endswith("attention.wq.weight"):
-            v = _rotate_half_to_interleaved(v, Hq, D)
-        elif k.endswith("attention.wk.weight"):
-            v = _rotate_half_to_interleaved(v, Hkv, D)
-        out[k] = v.contiguous()
-    os.makedirs(path, exist_ok=True)
-    names = sorted(out)
-    for i in range(n_files):
-        save_file({k: out[k] for k in names[i::n_files]}, os.path.join(path, f"consolidated.{i:02d}.safetensors"))
-    params = {"dim": c["hidden_size"], "n_layers": c["num_hidden_layers"], "head_dim": D,
-              "hidden_dim": c["intermediate_size"], "n_heads": Hq, "n_kv_heads": Hkv, "norm_eps": 1e-5,
-              "vocab_size": c["vocab_size"], "rope_theta": 1e6, "max_seq_len": 160,
-              "moe": {"num_experts": c["num_local_experts"], "num_experts_per_tok": c["num_experts_per_tok"]}}
-    with open(os.path.join(path, "params.json"), "w") as f:
-        json.dump(params, f)
-    return str(path)
+transformers = pytest.importorskip("transformers")
 
 
 def test_packing_layout():
     """wqkv stacks q, k, v rows; w13 interleaves w1 and w3 by row (w13[e, 2i] = w1[e, i], w13[e, 2i+1] = w3[e, i]);
     w2 is stacked per expert; everything else is copied as stored."""
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     model = ours("gqa3_odd")
     for n, layer in enumerate(model.layers):
         p = f"model.layers.{n}"
@@ -127,7 +77,7 @@ def test_interleaved_rope_equals_rotate_half_after_the_permutation():
 
 @pytest.mark.parametrize("name", ["gqa3_odd", "gqa8_top3"])
 def test_consolidated_layout_gives_the_hf_logits(tmp_path, name):
-    path = _write_consolidated(tmp_path / "c", name)
+    path = write_consolidated(tmp_path / "c", name)
     cons = mx.Mixtral.from_pretrained(path, progress=False)
     hf = ours(name)
     fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -144,40 +94,40 @@ def _expect(path, match):
 
 
 def test_missing_tensor(tmp_path):
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     del t["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
-    _expect(_write_hf(tmp_path, t), r"tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight missing "
+    _expect(write_hf(tmp_path, t), r"tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight missing "
                                     r"from the checkpoint \(model\.safetensors\)")
 
 
 def test_unexpected_tensor(tmp_path):
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(5)
-    _expect(_write_hf(tmp_path, t), r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.rotary_emb")
+    _expect(write_hf(tmp_path, t), r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.rotary_emb")
 
 
 def test_checkpoint_with_more_layers_than_the_config(tmp_path):
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     t["model.layers.3.input_layernorm.weight"] = torch.ones(48)
-    _expect(_write_hf(tmp_path, t), r"unexpected tensor model\.layers\.3\.input_layernorm\.weight")
+    _expect(write_hf(tmp_path, t), r"unexpected tensor model\.layers\.3\.input_layernorm\.weight")
 
 
 def test_wrong_shape(tmp_path):
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     t["model.layers.2.self_attn.k_proj.weight"] = torch.ones(21, 48)
-    _expect(_write_hf(tmp_path, t), r"model\.safetensors: tensor model\.layers\.2\.self_attn\.k_proj\.weight has "
+    _expect(write_hf(tmp_path, t), r"model\.safetensors: tensor model\.layers\.2\.self_attn\.k_proj\.weight has "
                                     r"shape \(21, 48\), expected \(20, 48\)")
 
 
 def test_wrong_dtype(tmp_path):
-    t = _hf_tensors("gqa3_odd")
+    t = hf_tensors("gqa3_odd")
     t["model.norm.weight"] = torch.ones(48, dtype=torch.int32)
-    _expect(_write_hf(tmp_path, t), r"tensor model\.norm\.weight has dtype I32")
+    _expect(write_hf(tmp_path, t), r"tensor model\.norm\.weight has dtype I32")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_shard(tmp_path, damage):
-    path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
+    path = write_hf(tmp_path, hf_tensors("gqa3_odd"))
     file = os.path.join(path, "model.safetensors")
     data = open(file, "rb").read()
     with open(file, "wb") as f:
@@ -197,14 +147,14 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 
 def test_unreadable_index(tmp_path):
-    path = _write_hf(tmp_path, {}, weights=False)
+    path = write_hf(tmp_path, {}, weights=False)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         f.write("{not json")
     _expect(path, r"model\.safetensors\.index\.json: unreadable shard index")
 
 
 def test_duplicate_tensor_across_shards(tmp_path):
-    path = _write_consolidated(tmp_path / "c", "mha")
+    path = write_consolidated(tmp_path / "c", "mha")
     extra = load_file(os.path.join(path, "consolidated.00.safetensors"))
     name = sorted(extra)[0]
     save_file({name: extra[name]}, os.path.join(path, "consolidated.02.safetensors"))
@@ -212,7 +162,7 @@ def test_duplicate_tensor_across_shards(tmp_path):
 
 
 def test_unreadable_config(tmp_path):
-    path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
+    path = write_hf(tmp_path, hf_tensors("gqa3_odd"))
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write('{"model_type": "mixtral", ')
     with pytest.raises(ValueError, match=r"config\.json: unreadable config \(JSONDecodeError"):
@@ -235,7 +185,7 @@ class _Exploit:
 
 
 def test_pickled_weights_are_refused_never_unpickled(tmp_path):
-    path = _write_hf(tmp_path / "ck", {}, weights=False)
+    path = write_hf(tmp_path / "ck", {}, weights=False)
     marker = tmp_path / "pwned"
     with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
         pickle.dump({"model.norm.weight": _Exploit(str(marker))}, f)
@@ -324,7 +274,7 @@ def test_model_too_large_for_host_memory_fails_early_and_names_a_dtype_that_fits
     # from_pretrained measures the host (mixtral_ext.weights.host_memory) and fails before allocating anything.
     import mixtral_ext.model as model_mod
     import mixtral_ext.weights as weights_mod
-    path = _write_hf(tmp_path, _hf_tensors("gqa3_odd"))
+    path = write_hf(tmp_path, hf_tensors("gqa3_odd"))
     need = param_bytes(mx.MixtralConfig.from_pretrained(path), torch.float32)
     monkeypatch.setattr(weights_mod, "host_memory", lambda: ((1 << 30) + need // 2, None))
     monkeypatch.setattr(model_mod.Mixtral, "__init__", lambda *a, **k: pytest.fail("allocated before the check"))
