@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import mixtral_ext as mx  # noqa: E402
 from mixtral_ext.model import KVCache  # noqa: E402
 
@@ -121,30 +122,10 @@ def alternate(run_ours, run_hf, rounds):
     return statistics.median(ratios), statistics.median(ours_t), statistics.median(hf_t)
 
 
-def layer_ops(model, layers, step):
-    """aten:: profiler events per decoder layer during step() (inside a layer's forward, marked by hooks with
-    record_function): (the calls Python issued, all calls including those aten ops make inside)."""
-    marks = []
-
-    def pre(module, args):
-        marks.append(torch.autograd.profiler.record_function("decoder_layer"))
-        marks[-1].__enter__()
-
-    def post(module, args, out):
-        marks.pop().__exit__(None, None, None)
-
-    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
-    finally:
-        for h in hooks:
-            h.remove()
-    events = prof.events()
-    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "decoder_layer"]
-    inside = [e for e in events if e.name.startswith("aten::")
-              and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans)]
-    issued = [e for e in inside if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+def layer_ops(layers, step):
+    """aten:: calls per decoder layer during step(): (the calls Python issued, all calls including those aten ops
+    make inside)."""
+    inside, issued = common.layer_aten_events(layers, step)
     return len(issued) / len(layers), len(inside) / len(layers)
 
 
@@ -153,9 +134,9 @@ def ops_per_layer(ours, hf):
     cache = KVCache(ours.config, 1, 16, "cpu", ours.dtype)
     nxt = ours.prefill([list(range(1, 9))], cache).argmax(-1)
     pos, seq = torch.tensor([8], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-    mine = layer_ops(ours, ours.layers, lambda: ours.decode_step(nxt, pos, seq, cache))
+    mine = layer_ops(ours.layers, lambda: ours.decode_step(nxt, pos, seq, cache))
     out = hf(input_ids=torch.tensor([list(range(1, 9))]), use_cache=True)
-    theirs = layer_ops(hf, hf.model.layers, lambda: hf(input_ids=out.logits[:, -1:].argmax(-1),
+    theirs = layer_ops(hf.model.layers, lambda: hf(input_ids=out.logits[:, -1:].argmax(-1),
                                                          past_key_values=out.past_key_values, use_cache=True))
     return mine, theirs
 

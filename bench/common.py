@@ -1,9 +1,11 @@
-"""One timer and one device probe shared by every benchmark.
+"""One timer, one device probe and one aten-call counter shared by every benchmark (and test_cpu_path.py).
 
 time_fn: CUDA events around each call, after warm-up, median of many runs; the caller passes a list of argument
 sets (rotating buffers, together larger than L2) so no run reads data the previous one left in cache.
 probe_device: measured copy bandwidth (device-to-device copy of 1 GiB: read + write bytes / time) and bf16 matmul
 rate (8192^3 GEMM) - the rooflines every figure is quoted against.
+layer_aten_events: the aten calls a model makes inside its decoder layers during one step (torch.profiler), what
+bench_cpu.py reports and tests/test_cpu_path.py bounds.
 """
 import json
 import platform
@@ -104,3 +106,34 @@ def print_table(title, rows, columns):
 def dump_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
+
+
+def layer_aten_events(layers, step):
+    """The aten:: profiler events that start inside a forward of one of `layers` (modules) while step() runs: (all
+    of them, those Python issued itself: not called from inside another aten op). The layers are marked by forward
+    hooks that open a record_function; RuntimeError if the profile does not hold one such span per layer (a layer
+    that did not run, or ran twice)."""
+    marks = []
+
+    def pre(module, args):
+        marks.append(torch.autograd.profiler.record_function("decoder_layer"))
+        marks[-1].__enter__()
+
+    def post(module, args, out):
+        marks.pop().__exit__(None, None, None)
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        for h in hooks:
+            h.remove()
+    events = prof.events()
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "decoder_layer"]
+    if len(spans) != len(layers):
+        raise RuntimeError(f"{len(spans)} decoder_layer spans profiled for {len(layers)} layers")
+    inside = [e for e in events if e.name.startswith("aten::")
+              and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans)]
+    issued = [e for e in inside if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    return inside, issued

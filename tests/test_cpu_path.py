@@ -10,11 +10,13 @@ import textwrap
 import pytest
 import torch
 
-import mixtral_ext as mx
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import common  # noqa: E402  (bench/common.py: the aten-call counter bench_cpu.py reports)
+import mixtral_ext as mx  # noqa: E402
 from mixtral_ext import cpu, reference
 from mixtral_ext.model import KVCache
+from checkpoints import CONFIGS, hf_checkpoint, hf_model
 from numerics import assert_2x_rule
-from test_model import CONFIGS, hf_checkpoint, hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,36 +208,6 @@ def test_16k_prefill_memory_is_linear(window):
 
 # ---- dispatcher calls per decode layer ----------------------------------------------------------------------------
 
-def decode_layer_events(model, layers, step):
-    """The aten:: profiler events that start inside a decoder layer's forward during step(), per layer (the
-    layers are marked by hooks that open a record_function)."""
-    marks = []
-
-    def pre(module, args):
-        marks.append(torch.autograd.profiler.record_function("decoder_layer"))
-        marks[-1].__enter__()
-
-    def post(module, args, out):
-        marks.pop().__exit__(None, None, None)
-
-    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
-    finally:
-        for h in hooks:
-            h.remove()
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "decoder_layer"]
-    assert len(spans) == len(layers)
-    return [e for e in prof.events() if e.name.startswith("aten::")
-            and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans)], len(layers)
-
-
-def issued(events):
-    """The events our Python code (or transformers') dispatched itself, not those an aten op called inside."""
-    return [e for e in events if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_layer_op_count(dtype):
     """One batch-1 decode step: no more aten calls issued per layer than transformers' (what each call costs in
@@ -250,11 +222,11 @@ def test_decode_layer_op_count(dtype):
         cache = KVCache(ours.config, 1, 16, "cpu", dtype)
         nxt = ours.prefill(prompt.tolist(), cache).argmax(-1)
         pos, seq = torch.tensor([8], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-        mine, n = decode_layer_events(ours, ours.layers, lambda: ours.decode_step(nxt, pos, seq, cache))
+        _, mine = common.layer_aten_events(ours.layers, lambda: ours.decode_step(nxt, pos, seq, cache))
         out = hf(input_ids=prompt, use_cache=True)
-        theirs, n_hf = decode_layer_events(hf, hf.model.layers, lambda: hf(
+        _, theirs = common.layer_aten_events(hf.model.layers, lambda: hf(
             input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True))
-    ours_per_layer, hf_per_layer = len(issued(mine)) / n, len(issued(theirs)) / n_hf
+    ours_per_layer, hf_per_layer = len(mine) / len(ours.layers), len(theirs) / len(hf.model.layers)
     assert ours_per_layer <= hf_per_layer, f"{ours_per_layer:.1f} aten calls per layer, transformers {hf_per_layer:.1f}"
-    no_ops = [e for e in issued(mine) if e.name == "aten::to" and not e.cpu_children]
-    assert not no_ops, f"{len(no_ops) / n:.1f} casts per layer that do nothing"
+    no_ops = [e for e in mine if e.name == "aten::to" and not e.cpu_children]
+    assert not no_ops, f"{len(no_ops) / len(ours.layers):.1f} casts per layer that do nothing"
