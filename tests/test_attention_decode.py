@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from conftest import backend_cases, backends
+from attention_decode_inputs import make_inputs
+from conftest import backend_cases
 from mixtral_ext import ops, reference
 from numerics import assert_2x_rule
 
@@ -23,14 +24,6 @@ def visible_mask(lens, S, window):
     if window > 0:
         mask &= (p - j) < window
     return mask
-
-
-def make_inputs(B, S, Hq, Hkv, D, lens, dtype=torch.float32, device="cpu", seed=0, q_scale=1.0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = (torch.randn(B, Hq, D, generator=g, device=device) * q_scale).to(dtype)
-    k = torch.randn(B, S, Hkv, D, generator=g, device=device).to(dtype)
-    v = torch.randn(B, S, Hkv, D, generator=g, device=device).to(dtype)
-    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 class _Module(torch.nn.Module):

@@ -5,9 +5,9 @@ and the setmaxnreg register guards. CPU only; skipped when the emulation extensi
 import pytest
 import torch
 
-from numerics import assert_2x_rule
-
+from attention_prefill_inputs import D, chunked, eager_low, make_inputs, ref_fp32
 from mixtral_ext import emu
+from numerics import assert_2x_rule
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -137,8 +137,6 @@ def test_setmaxnreg_pool_and_named_barriers():
 
 
 def attention_case(new_lens, prefix_lens, window=0, dtype=torch.bfloat16, slack=5, seed=0):
-    from test_attention_prefill import D, chunked, eager_low, make_inputs, ref_fp32
-
     q, k, v, cu_t, lens_t, max_q, cu, lens = make_inputs(new_lens, prefix_lens, 8, 2, dtype, "cpu", slack, seed, 1.0,
                                                          stale=float("nan"))
     scale = D ** -0.5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixtral_ext import emu
-from test_attention_decode import make_inputs
+from attention_decode_inputs import make_inputs
 from test_moe_experts import make_weights, ref_route
 
 pytestmark = pytest.mark.usefixtures("emu_built")
