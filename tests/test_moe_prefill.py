@@ -1,7 +1,7 @@
 """moe_experts, prefill regime: the tensor-core grouped GEMMs (csrc/kernels/moe_gemm*.cu) behind ops.moe_experts.
 
-CPU (CI): static checks on the built extension's machine code (the sm80 path's kernels hold HMMA in both cubins,
-the Hopper kernels HGMMA in the sm_90a cubin, none spills). GPU (`cuda`): ops.moe_experts against the float32
+The static checks on these kernels' machine code (HMMA / ldmatrix / cp.async, HGMMA / TMA / setmaxnreg, no spills,
+register counts) are in test_build.py with every other kernel's. GPU (`cuda`): ops.moe_experts against the float32
 reference under the 2x rule for T above the decode threshold, skewed routings, Mixtral and awkward shapes, each
 code path forced through MIXTRAL_EXT_MOE_PATH (read at every call, so monkeypatch.setenv switches it in-process) and
 checked to be the one that ran (profiler kernel names), bf16 and fp16, determinism, CUDA graph replay with a
@@ -9,20 +9,14 @@ different routing, no NaN with large activations, and MIXTRAL_EXT_MOE_PATH=decod
 decode kernels. Every T here is above moe_decode.h's kMoeDecodeMaxTokens (64): if that threshold moves up, the
 smallest T values must move with it (the kernel-name check then says so).
 """
-import glob
-import os
-import re
-import subprocess
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mixtral_ext
 from mixtral_ext import reference
 from numerics import assert_2x_rule
-from test_build import _cuobjdump
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
@@ -139,71 +133,6 @@ def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="
     assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2),
                    f"T={T} E={E} k={top_k} H={H} I={I} {kind} path={path} {dtype}")
     return out
-
-
-# ---- CPU: static checks on the machine code -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sass():
-    """{(arch, kernel name): SASS} of the grouped-GEMM kernels in the built extension."""
-    found = glob.glob(os.path.join(os.path.dirname(mixtral_ext.__file__), "_C*.so"))
-    tool = _cuobjdump()
-    if not (mixtral_ext.HAS_CUDA_KERNELS and found and tool):
-        if os.environ.get("MIXTRAL_EXT_REQUIRE_BUILD") == "1":
-            pytest.fail(f"extension or cuobjdump missing: {mixtral_ext.EXTENSION_STATUS}, tool {tool}")
-        pytest.skip("needs the built extension and cuobjdump")
-    text = subprocess.run([tool, "-sass", found[0]], capture_output=True, text=True, check=True).stdout
-    out, arch, key = {}, None, None
-    for line in text.splitlines():
-        m = re.match(r"\s*arch = (sm_\w+)", line)
-        if m:
-            arch, key = m.group(1), None
-            continue
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            key = (arch, m.group(1)) if "moe_gemm_sm" in m.group(1) else None
-            if key:
-                out[key] = []
-        elif key:
-            out[key].append(line)
-    return {k: "\n".join(v) for k, v in out.items()}
-
-
-def test_sm80_path_uses_mma_sync_in_both_cubins(sass):
-    archs = {a for a in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";")}
-    for arch in ("sm_" + a for a in archs):
-        kernels = {n: s for (a, n), s in sass.items() if a == arch and "moe_gemm_sm80_kernel" in n}
-        assert kernels, f"no moe_gemm_sm80_kernel in the {arch} cubin"
-        lacking = [n for n, s in kernels.items() if "HMMA" not in s or "LDSM" not in s or "LDGSTS" not in s]
-        assert not lacking, f"{arch}: sm80 kernels without HMMA/ldmatrix/cp.async: {lacking}"
-
-
-def test_sm90_path_uses_wgmma_and_tma(sass):
-    if "90a" not in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";"):
-        pytest.skip("not built for sm_90a")
-    kernels = {n: s for (a, n), s in sass.items() if a == "sm_90a" and "moe_gemm_sm90_kernel" in n}
-    assert kernels, "no moe_gemm_sm90_kernel in the sm_90a cubin"
-    for n, s in kernels.items():
-        for op in ("HGMMA", "UTMALDG", "USETMAXREG", "SYNCS"):
-            assert op in s, f"{n}: no {op} in its sm_90a SASS"
-        assert not re.search(r"\b(LDL|STL)\b", s), f"{n}: local memory traffic (spills)"
-
-
-def test_sm90_register_count_lets_setmaxnreg_rebalance(sass):
-    """The producer warpgroup's setmaxnreg.dec to 40 must free what the consumers' setmaxnreg.inc to 232 takes
-    (kProducerRegs / kConsumerRegs in moe_gemm_sm90.cu), else the increase waits forever: with R registers per thread
-    at launch, 128 (R - 40) >= 256 (232 - R). The launcher declines such a build at run time (regs_ok); this
-    catches it at build time."""
-    if "90a" not in os.environ.get("MIXTRAL_EXT_ARCH", "80;90a").split(";"):
-        pytest.skip("not built for sm_90a")
-    found = glob.glob(os.path.join(os.path.dirname(mixtral_ext.__file__), "_C*.so"))
-    text = subprocess.run([_cuobjdump(), "-res-usage", "-arch", "sm_90a", found[0]], capture_output=True, text=True,
-                          check=True).stdout
-    regs = dict(re.findall(r"Function (\S*moe_gemm_sm90_kernel\S*):\s*\n\s*REG:(\d+)", text))
-    assert regs, "no moe_gemm_sm90_kernel in cuobjdump -res-usage"
-    bad = {n: int(r) for n, r in regs.items() if 128 * (int(r) - 40) < 256 * (232 - int(r))}
-    assert not bad, f"register counts setmaxnreg cannot rebalance: {bad}"
 
 
 # ---- the kernels: on the GPU (each path forced), and the sm_80 path's source emulated on the CPU ---------------
