@@ -1081,26 +1081,43 @@ void async_wait_group(int allowed_pending) {
   }
 }
 
+namespace {
+// A multiply-xorshift hash of a value's bits (one per width), the seed of ulp_offset.
+uint64_t mix_bits(uint32_t u) {
+  uint32_t h = u * 0x9E3779B1u;
+  h ^= h >> 15;
+  h *= 0x85EBCA77u;
+  return h ^ (h >> 13);
+}
+uint64_t mix_bits(uint64_t u) {
+  uint64_t h = u * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 29;
+  h *= 0xBF58476D1CE4E5B9ull;
+  return h ^ (h >> 32);
+}
+// How many ulps approx() and approx_exact() move a result, picked by a deterministic hash of its value's bits (Bits:
+// their width): mostly the worst case (+-k), one time in four anywhere in [-k, k].
+template <class Bits, class T>
+int ulp_offset(T value, int k) {
+  static_assert(sizeof(Bits) == sizeof(T), "the hash reads the value's own bits");
+  Bits u;
+  std::memcpy(&u, &value, sizeof u);
+  const uint64_t h = mix_bits(u);
+  if ((h >> 1) % 4 == 0) return static_cast<int>((h >> 3) % static_cast<uint64_t>(2 * k + 1)) - k;
+  return (h & 1u) ? k : -k;
+}
+}  // namespace
+
 float approx(float exact, float ulps, const char* what) {
   (void)what;
   if (!std::isfinite(exact) || exact == 0.f || ulps < 1.f) return exact;
   const int k = static_cast<int>(std::min(ulps, 1e6f));
-  uint32_t u;
-  std::memcpy(&u, &exact, 4);
-  // A deterministic hash of the input picks the offset: mostly the worst case (+-k ulps), sometimes in between.
-  uint32_t h = u * 0x9E3779B1u;
-  h ^= h >> 15;
-  h *= 0x85EBCA77u;
-  h ^= h >> 13;
-  int off = (h & 1u) ? k : -k;
-  if ((h >> 1) % 4 == 0) off = static_cast<int>((h >> 3) % static_cast<uint32_t>(2 * k + 1)) - k;
+  const int off = ulp_offset<uint32_t>(exact, k);
+  const uint32_t u = __float_as_uint(exact);
   const uint32_t sign = u & 0x80000000u;
   int64_t mag = static_cast<int64_t>(u & 0x7fffffffu) + off;
   mag = std::max<int64_t>(1, std::min<int64_t>(mag, 0x7f7fffff));  // stay finite and of the same sign
-  const uint32_t r = sign | static_cast<uint32_t>(mag);
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
+  return __uint_as_float(sign | static_cast<uint32_t>(mag));
 }
 
 float approx_exact(double exact, float ulps, const char* what) {
@@ -1110,14 +1127,7 @@ float approx_exact(double exact, float ulps, const char* what) {
   const int k = static_cast<int>(std::min(ulps, 1e6f));
   const float a0 = std::fabs(f0);
   const double ulp = static_cast<double>(std::nextafter(a0, INFINITY)) - a0;
-  uint64_t u;
-  std::memcpy(&u, &exact, 8);
-  uint64_t h = u * 0x9E3779B97F4A7C15ull;
-  h ^= h >> 29;
-  h *= 0xBF58476D1CE4E5B9ull;
-  h ^= h >> 32;
-  int off = (h & 1u) ? k : -k;
-  if ((h >> 1) % 4 == 0) off = static_cast<int>((h >> 3) % static_cast<uint64_t>(2 * k + 1)) - k;
+  const int off = ulp_offset<uint64_t>(exact, k);
   float f = static_cast<float>(exact + off * ulp);
   // Rounding the moved value may step past the bound: step back toward the exact value.
   if (std::fabs(static_cast<double>(f) - exact) > k * ulp) f = std::nextafter(f, static_cast<float>(exact));
