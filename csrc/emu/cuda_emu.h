@@ -457,22 +457,15 @@ inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 namespace emu {
 // float -> bf16, round to nearest even; NaN -> 0x7FFF as cuda_bf16.hpp's host path gives.
 inline uint16_t f32_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
-inline float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
 // float -> IEEE binary16, round to nearest even, overflow to inf, gradual underflow; NaN -> 0x7FFF (cuda_fp16.hpp).
 inline uint16_t f32_to_f16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  const uint32_t u = __float_as_uint(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t absu = u & 0x7fffffffu;
   if (absu > 0x7f800000u) return 0x7fff;
@@ -504,13 +497,9 @@ inline float f16_bits_to_f32(uint16_t h) {
   } else if (m == 0) {
     u = sign;
   } else {  // subnormal: m * 2^-24, exact in float
-    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
-    std::memcpy(&u, &v, 4);
-    u |= sign;
+    u = sign | __float_as_uint(static_cast<float>(m) * 5.9604644775390625e-8f);
   }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __uint_as_float(u);
 }
 }  // namespace emu
 

@@ -9,7 +9,6 @@
 #include <cstdint>
 #ifdef MIXTRAL_EMU
 #include <cmath>
-#include <cstring>
 #endif
 
 namespace mixtral {
@@ -17,16 +16,6 @@ namespace mixtral {
 #ifdef MIXTRAL_EMU
 // Helpers of the emulated instruction bodies (CPU emulation build only).
 namespace emu_ptx {
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 // A subnormal float becomes a zero of the same sign (the .ftz qualifier, inputs and results alike).
 inline float flush_subnormal(float x) {
   return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;

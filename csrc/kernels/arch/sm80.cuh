@@ -9,10 +9,6 @@
 
 #include <cstdint>
 #include <type_traits>
-#ifdef MIXTRAL_EMU
-#include <cmath>
-#include <limits>
-#endif
 
 namespace mixtral {
 
@@ -42,18 +38,6 @@ inline void ldmatrix_m8n8_b16(uint32_t addr, uint32_t (&r)[NUM], const char* sit
   }
 }
 
-// 16-bit floats to fp32, exactly. bf16: the high half of a float. fp16 (IEEE binary16): sign, 5-bit exponent (bias
-// 15), 10-bit fraction; subnormals are fraction * 2^-24.
-inline float bf16_bits_to_float(uint32_t h) { return bits_to_float(h << 16); }
-inline float f16_bits_to_float(uint32_t h) {
-  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1Fu, frac = h & 0x3FFu;
-  float v;
-  if (exp == 0) v = std::ldexp(static_cast<float>(frac), -24);
-  else if (exp == 31) v = frac ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  else v = std::ldexp(static_cast<float>(frac | 0x400u), static_cast<int>(exp) - 25);
-  return sign ? -v : v;
-}
-
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA "Matrix Fragments for mma.m16n8k16 with
 // floating point type"), with groupID g = lane >> 2 and threadID_in_group t = lane % 4:
 //   A (16 x 16): element a_i (i = 0..7, two per .b32 register, a_{2j} in the low half of register j) is at
@@ -71,7 +55,11 @@ inline void mma_m16n8k16_f32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
   MmaAbFrag all[32];
   ::emu::warp_exchange(0xffffffffu, mine, all);
   auto half = [](uint32_t reg, int hi) { return hi ? reg >> 16 : reg & 0xFFFFu; };
-  auto to_f = [](uint32_t h) { return BF16 ? bf16_bits_to_float(h) : f16_bits_to_float(h); };
+  // The 16-bit inputs to fp32, exactly (the emulation runtime's conversions, as the emulated wgmma uses).
+  auto to_f = [](uint32_t h) {
+    const auto b = static_cast<uint16_t>(h);
+    return BF16 ? ::emu::bf16_bits_to_f32(b) : ::emu::f16_bits_to_f32(b);
+  };
   // A(row, k): lane 4 (row % 8) + (k % 8) / 2, element i = 4 (k >= 8) + 2 (row >= 8) + (k & 1).
   auto A = [&](int row, int k) {
     const int i = 4 * (k >= 8) + 2 * (row >= 8) + (k & 1);
