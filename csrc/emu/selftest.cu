@@ -40,26 +40,25 @@ __global__ void shfl_kernel(const float* x, float* sums, float* scan, float* bca
   if (t == 0) sums[0] = part[0] + part[1];
 }
 
+// out[0..2] = ballot(p), any(p), all(p) over the lanes of mask, written by lane 0.
+__device__ void vote(unsigned mask, bool p, int lane, unsigned* out) {
+  const unsigned b = __ballot_sync(mask, p);
+  const bool any = __any_sync(mask, p), all = __all_sync(mask, p);
+  if (lane == 0) {
+    out[0] = b;
+    out[1] = any;
+    out[2] = all;
+  }
+}
+
 // x: [64] int; out: [2 warps][3] = ballot(x > 0), any(x > 0), all(x > 0); lanes of mask 0x0000ffff only for warp 1.
 __global__ void ballot_kernel(const int* x, unsigned* out) {
   const int t = threadIdx.x, w = t / 32, lane = t % 32;
   const bool p = x[t] > 0;
   if (w == 0) {
-    const unsigned b = __ballot_sync(0xffffffffu, p);
-    const bool any = __any_sync(0xffffffffu, p), all = __all_sync(0xffffffffu, p);
-    if (lane == 0) {
-      out[0] = b;
-      out[1] = any;
-      out[2] = all;
-    }
+    vote(0xffffffffu, p, lane, out);
   } else if (lane < 16) {
-    const unsigned b = __ballot_sync(0x0000ffffu, p);
-    const bool any = __any_sync(0x0000ffffu, p), all = __all_sync(0x0000ffffu, p);
-    if (lane == 0) {
-      out[3] = b;
-      out[4] = any;
-      out[5] = all;
-    }
+    vote(0x0000ffffu, p, lane, out + 3);
   }
 }
 
