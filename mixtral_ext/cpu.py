@@ -19,6 +19,8 @@ k experts per token, Hq / Hkv query / key-value heads, G = Hq / Hkv, D head dim.
 import torch
 import torch.nn.functional as F
 
+from .reference import check_gqa
+
 # Expert rows from which bf16/fp16 gate/up halves are de-interleaved into contiguous blocks before silu(gate) * up:
 # on every-other-column views silu takes a scalar path, slower in 16-bit types than the copy plus the vector path
 # (measured at 2k rows); in float32, and for the few rows of a decode step, the copy costs more than it saves.
@@ -75,6 +77,7 @@ def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_
     in blocks of PREFILL_BLOCK, each against the keys it may see, with an explicit mask. Either way nothing
     quadratic in the prompt is allocated and K/V are read in place from the cache (strided, not repeated per head).
     """
+    check_gqa("attention_prefill", q, k_cache)
     cu = cu_seqlens_q.tolist()  # prefill only: the host needs the lengths to slice the batch
     lens = seq_lens_k.tolist()
     gqa = q.shape[1] != k_cache.shape[2]
@@ -112,6 +115,7 @@ def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
     the new token is the last valid slot). A mask is built only for ragged batches and sliding windows, which is
     why the slots of a shorter sequence up to the longest one must be finite, as for the reference (KVCache zeroes
     them)."""
+    check_gqa("attention_decode", q, k_cache)
     B, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     L = int(seq_lens.max()) if B > 1 else int(seq_lens)  # one scalar read of the (CPU) tensor; sizes the cut below

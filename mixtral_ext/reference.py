@@ -76,6 +76,15 @@ def _visible(q_pos, k_pos, window):
     return mask
 
 
+def check_gqa(op, q, k_cache):
+    """Raise ValueError unless q's Hq heads (dim 1) group evenly over k_cache's Hkv KV heads (dim 2): the kernels'
+    "multiple of the cache's KV heads" check, for the paths that run without them (CPU, shapes the kernels do not
+    implement), where an uneven pairing would otherwise fail inside a view with a message naming neither."""
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
+    if Hkv <= 0 or Hq <= 0 or Hq % Hkv:
+        raise ValueError(f"{op}: q heads ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
+
+
 def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_q, scale, window=0):
     """Causal GQA attention of a packed batch of new tokens against the cache (which already holds them).
 
@@ -84,6 +93,7 @@ def attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens_k, max_seqlen_
     prefix followed by the n_b new tokens, so query i of sequence b sits at position seq_lens_k[b] - n_b + i.
     max_seqlen_q bounds n_b (the kernel sizes its grid with it). Softmax in float32. Returns [T, Hq, D].
     """
+    check_gqa("attention_prefill", q, k_cache)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
@@ -110,6 +120,7 @@ def attention_decode(q, k_cache, v_cache, seq_lens, scale, window=0):
 
     Written without host synchronisation so it can serve as the fallback inside a captured decode step.
     """
+    check_gqa("attention_decode", q, k_cache)
     B, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from mixtral_ext import ops, quant, reference
+from mixtral_ext import cpu, ops, quant, reference
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -288,3 +288,38 @@ print("ok", len({cases!r}))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(ops.__file__)))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+# ---- an uneven GQA pairing is a clear error on every path without the kernel ---------------------------------------
+def _uneven_gqa(op):
+    """q with 6 heads against a cache of 4 KV heads (6 % 4 != 0), otherwise valid inputs of `op`."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 8, 4, 16, generator=g)
+    v = torch.randn(2, 8, 4, 16, generator=g)
+    if op == "attention_decode":
+        return torch.randn(2, 6, 16, generator=g), k, v, torch.tensor([3, 8], dtype=torch.int32), 0.25, 0
+    q = torch.randn(5, 6, 16, generator=g)
+    return q, k, v, torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([2, 5], dtype=torch.int32), 3, 0.25, 0
+
+
+@pytest.mark.parametrize("op", ["attention_decode", "attention_prefill"])
+@pytest.mark.parametrize("path", ["reference", "cpu", "dispatcher"])
+def test_uneven_gqa_names_both_head_counts(op, path):
+    """The kernels refuse Hq % Hkv != 0 with a message naming both counts; the reference (where ops._dispatch sends
+    shapes the kernels do not implement), the CPU path and the registered CPU kernel must too, not fail in a view."""
+    fn = {"reference": getattr(reference, op), "cpu": getattr(cpu, op),
+          "dispatcher": getattr(torch.ops.mixtral_ext, op)}[path]
+    with pytest.raises((ValueError, RuntimeError), match=r"q heads \(6\) must be a multiple of the cache's KV heads "
+                                                         r"\(4\)"):
+        fn(*_uneven_gqa(op))
+
+
+@pytest.mark.parametrize("op", ["attention_decode", "attention_prefill"])
+def test_even_gqa_still_runs_everywhere(op):
+    """The check refuses only the uneven pairing: 8 query heads over the same 4 KV heads run on all three paths
+    and agree."""
+    q, *rest = _uneven_gqa(op)
+    q = torch.cat([q, q[:, :2]], dim=1)  # 8 heads
+    outs = [getattr(m, op)(q, *rest) for m in (reference, cpu, torch.ops.mixtral_ext)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
