@@ -14,9 +14,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-# moe_decode_quant last: device_check.sh gives the whole --quick run one time limit, and it is the newest.
-BENCHES = ["rms_norm", "rope_kv_append", "moe_route", "moe_decode", "moe_prefill", "attention_decode",
-           "attention_prefill", "moe_decode_quant"]
+# moe_experts_quant last: device_check.sh gives the whole --quick run one time limit, and it is the newest.
+BENCHES = ["rms_norm", "rope_kv_append", "moe_route", "moe_experts_decode", "moe_experts_prefill", "attention_decode",
+           "attention_prefill", "moe_experts_quant"]
 
 
 def main(argv=None):

@@ -24,6 +24,20 @@ def rotating(make, total_bytes_per_set, min_sets=2, budget_bytes=L2_FLUSH_BYTES)
     return [make() for _ in range(min(n, 64))]
 
 
+def routed_inputs(T, H, E, top_k, generator, n_sets=4):
+    """n_sets (x [T, H] bf16, route) pairs for the MoE benchmarks, routed by moe_route from random logits [T, E] (what
+    Mixtral's router gives with uniform experts), and the mean number of active experts per set."""
+    from mixtral_ext import ops
+
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(T, H, device="cuda", generator=generator).bfloat16()
+        route = ops.moe_route(torch.randn(T, E, device="cuda", generator=generator), top_k)
+        sets.append((x, route))
+    active = sum(int((route.expert_counts > 0).sum()) for _, route in sets) / n_sets
+    return sets, active
+
+
 def time_fn(fn, arg_sets, warmup=5, iters=50):
     """Median milliseconds of fn(*args), rotating over arg_sets, timed with CUDA events one call at a time."""
     for i in range(warmup):

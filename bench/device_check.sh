@@ -31,8 +31,8 @@ t1=$(date +%s)
 # -v prints one line per test as it finishes, so even a file killed by its limit leaves countable results.
 tests_budget=${DEVICE_CHECK_TEST_SECONDS:-250}
 files=${DEVICE_CHECK_TESTS:-$(grep -l "mark.cuda" tests/test_rms_norm.py tests/test_rope_kv_append.py tests/test_moe_route.py \
-  tests/test_attention_decode.py tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_prefill.py \
-  tests/test_model_cuda.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++')}
+  tests/test_attention_decode.py tests/test_moe_experts.py tests/test_attention_prefill.py \
+  tests/test_moe_experts_prefill.py tests/test_model_cuda.py tests/test_*.py 2>/dev/null | awk '!seen[$0]++')}
 : > "$out/tests.log"
 tests_rc=0
 for f in $files; do

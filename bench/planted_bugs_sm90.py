@@ -20,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTN = "csrc/kernels/attention_prefill_sm90.cu"
-MOE = "csrc/kernels/moe_gemm_sm90.cu"
+MOE = "csrc/kernels/moe_experts_sm90.cu"
 SM90 = "csrc/kernels/arch/sm90.cuh"
 K_ATTN = "attention_prefill"
 K_MOE = "moe"

@@ -13,8 +13,8 @@ small="(opcheck or deterministic or graph or unaligned or skips_out_of_range or 
   mixed_batch or other_gqa or token_sweep) and not 4096 and not 8192 and not 16384 and not 32768"
 small=$(echo $small)
 memcheck_files="tests/test_rms_norm.py tests/test_rope_kv_append.py tests/test_moe_route.py tests/test_attention_decode.py
-  tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_prefill.py"
-race_files="tests/test_attention_decode.py tests/test_attention_prefill.py tests/test_moe_prefill.py"
+  tests/test_moe_experts.py tests/test_attention_prefill.py tests/test_moe_experts_prefill.py"
+race_files="tests/test_attention_decode.py tests/test_attention_prefill.py tests/test_moe_experts_prefill.py"
 rc=0
 timeout "${SANITIZE_SECONDS:-240}" "$san" --tool memcheck --error-exitcode 17 "$py" -m pytest -q -m cuda \
   -p no:cacheprovider -k "$small" $memcheck_files > "$out/sanitizer-memcheck.log" 2>&1 || rc=1

@@ -14,9 +14,7 @@
 //   b.check_launch(op, err)         launch-error check (the emulator raises its report first)
 //   b.attn_prefill_path(q)          which attention_prefill kernel
 //   b.decode_splits(n)              attention_decode's split count (n: the launcher's choice)
-//   b.moe_prefill(T), b.moe_decode_fallback()
-//                                   moe_experts: regime, and whether a declined grouped GEMM may fall back to the
-//                                   decode kernels
+//   b.moe_experts_path()            moe_experts: the code path asked for (kAuto: the launcher's choice)
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -30,8 +28,7 @@
 
 #include "attention_decode.h"
 #include "attention_prefill.h"
-#include "moe_decode.h"
-#include "moe_gemm.h"
+#include "moe_experts.h"
 #include "moe_route.h"
 #include "rms_norm.h"
 #include "rope_kv_append.h"
@@ -369,7 +366,7 @@ at::Tensor attention_decode_impl(Backend& b, const at::Tensor& q, const at::Tens
   return out;
 }
 
-// ---- moe_route / moe_experts ------------------------------------------------------------------------------------
+// ---- moe_route --------------------------------------------------------------------------------------------------
 // router_logits: [T, E] (E contiguous, rows may be strided). Returns (topk_weights [T, k] f32, topk_ids [T, k] i32,
 // expert_counts [E] i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32, token_rows [T, k] i32).
 template <class Backend>
@@ -413,17 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {weights, ids, counts, offsets, sorted_tokens, token_rows};
 }
 
-// x: [T, H] bf16/fp16; the routing tensors as moe_route returns them (topk_weights [T, k] f32, topk_ids and
-// token_rows [T, k] i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32); w13: [E, 2I, H] (rows 2i / 2i+1 =
-// gate / up of unit i); w2: [E, H, I]. The values of the routing tensors are the caller's contract (moe_route's
-// output): checking them would need a host sync. Returns y [T, H] in x's dtype.
-// Quantized expert weights for the decode GEMVs (moe_experts_quant_impl checks them and passes them on).
-struct MoeQuantArgs {
-  mixtral::WeightFormat wformat = mixtral::WeightFormat::kDense;
-  const float* w13_scale = nullptr;
-  const float* w2_scale = nullptr;
-};
-
+// ---- moe_experts ------------------------------------------------------------------------------------------------
 // The kernels' limits on E, H and I for the weight format (moe_experts_supported), x's dtype checked before.
 inline void check_moe_experts_supported(const char* op, int64_t E, int64_t H, int64_t I, mixtral::WeightFormat wformat,
                                         const at::Tensor& x) {
@@ -435,36 +422,21 @@ inline void check_moe_experts_supported(const char* op, int64_t E, int64_t H, in
               : " for 4-bit weights (whole 128-input scale groups)");
 }
 
-// `quant` (internal, from moe_experts_quant_impl): quantized w13 / w2 already checked there, run on the decode GEMVs.
+// The checks and the launch moe_experts and moe_experts_quant share, after each has checked its weights: x [T, H]
+// bf16/fp16; the routing tensors as moe_route returns them (topk_weights [T, k] f32, topk_ids and token_rows [T, k]
+// i32, expert_offsets [E + 1] i32, sorted_tokens [T * k] i32); w13 / w2 in `wformat` (dense, or quantized with
+// w13_scale / w2_scale). The values of the routing tensors are the caller's contract (moe_route's output): checking
+// them would need a host sync. Returns y [T, H] in x's dtype.
 template <class Backend>
-at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
-                            const at::Tensor& topk_ids,
-                            const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
-                            const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2,
-                            const MoeQuantArgs* quant = nullptr) {
-  const char* op = quant ? "mixtral_ext::moe_experts_quant" : "mixtral_ext::moe_experts";
-  CHECK_DEVICE_TENSOR(b, op, x);
-  for (const at::Tensor* t : {&topk_weights, &topk_ids, &expert_offsets, &sorted_tokens, &token_rows, &w13, &w2})
+at::Tensor moe_experts_run(Backend& b, const char* op, const at::Tensor& x, const at::Tensor& topk_weights,
+                           const at::Tensor& topk_ids, const at::Tensor& expert_offsets,
+                           const at::Tensor& sorted_tokens, const at::Tensor& token_rows, const at::Tensor& w13,
+                           const at::Tensor& w2, int64_t E, int64_t I, mixtral::WeightFormat wformat,
+                           const float* w13_scale, const float* w2_scale) {
+  for (const at::Tensor* t : {&topk_weights, &topk_ids, &expert_offsets, &sorted_tokens, &token_rows})
     TORCH_CHECK(t->device() == x.device(), op, ": every argument must be on x's device ", x.device(), ", got ",
                 t->device());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
-              ": x must be bfloat16 or float16 (float32 runs the reference through ops.py), got ", x.scalar_type());
-  CHECK_DIM(op, x, 2);
-  CHECK_CONTIGUOUS(op, x);
-  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  if (!quant) {
-    CHECK_DIM(op, w13, 3);
-    CHECK_DIM(op, w2, 3);
-    CHECK_DTYPE(op, w13, x.scalar_type());
-    CHECK_DTYPE(op, w2, x.scalar_type());
-    CHECK_CONTIGUOUS(op, w13);
-    CHECK_CONTIGUOUS(op, w2);
-    TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == H, op, ": w13 must be [E, 2I, H] with H = ", H, ", got ",
-                w13.sizes());
-    TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
-                ", ", I, "], got ", w2.sizes());
-    check_moe_experts_supported(op, E, H, I, mixtral::WeightFormat::kDense, x);
-  }
+  const int64_t T = x.size(0), H = x.size(1);
   CHECK_DIM(op, topk_weights, 2);
   const int64_t k = topk_weights.size(1);
   TORCH_CHECK(topk_weights.size(0) == T && k >= 1, op, ": topk_weights must be [T, k] = [", T, ", k >= 1], got ",
@@ -497,101 +469,89 @@ at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& t
   const auto guard = b.guard(x);
   at::Tensor y = b.empty({T, H}, x.options(), "y");
   if (T == 0) return y;
-  const cudaStream_t stream = b.stream();
   at::Tensor inter = b.empty({R, I}, x.options(), "inter");  // [R, I] silu(gate) * up
   // [R, H] unweighted expert outputs
   at::Tensor out_rows = b.empty({R, H}, x.options().dtype(at::kFloat), "out_rows");
-  bool done = false;
-  if (!quant && b.moe_prefill(T)) {
-    const DeviceAttrs attrs = b.device_attrs(x);
-    mixtral::MoeGroupedGemmParams g{};
-    g.x = x.data_ptr();
-    g.sorted_tokens = sorted_tokens.data_ptr<int>();
-    g.expert_offsets = expert_offsets.data_ptr<int>();
-    g.w13 = w13.data_ptr();
-    g.w2 = w2.data_ptr();
-    g.inter = inter.data_ptr();
-    g.out_rows = out_rows.data_ptr<float>();
-    g.tokens = T;
-    g.top_k = static_cast<int>(k);
-    g.experts = static_cast<int>(E);
-    g.hidden = H;
-    g.inter_size = I;
-    g.sm_count = attrs.sm_count;
-    g.max_smem_per_block = attrs.max_smem_optin;
-    g.sm_major = attrs.sm_major;
-    g.dtype = dt;
-    const cudaError_t err = mixtral::moe_grouped_gemm_launch(g, stream);
-    // Not supported (shape, dtype, device, or not implemented yet): the decode kernels below handle any T (unless
-    // the backend asked for the prefill path explicitly: then that is an error).
-    if (err != cudaErrorNotSupported || !b.moe_decode_fallback()) {
-      b.check_launch(op, err);
-      done = true;
-    }
+  const DeviceAttrs attrs = b.device_attrs(x);
+  mixtral::MoeExpertsParams p{};
+  p.x = x.data_ptr();
+  p.topk_weights = topk_weights.data_ptr<float>();
+  p.sorted_tokens = sorted_tokens.data_ptr<int>();
+  p.expert_offsets = expert_offsets.data_ptr<int>();
+  p.token_rows = token_rows.data_ptr<int>();
+  p.w13 = w13.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.wformat = wformat;
+  p.w13_scale = w13_scale;
+  p.w2_scale = w2_scale;
+  p.inter = inter.data_ptr();
+  p.out_rows = out_rows.data_ptr<float>();
+  p.y = y.data_ptr();
+  p.tokens = T;
+  p.hidden = H;
+  p.inter_size = I;
+  p.experts = static_cast<int>(E);
+  p.top_k = static_cast<int>(k);
+  p.sm_count = attrs.sm_count;
+  p.max_smem_optin = attrs.max_smem_optin;
+  p.sm_major = attrs.sm_major;
+  p.dtype = dt;
+  p.path = b.moe_experts_path();
+  const mixtral::MoeExpertsPath path = mixtral::moe_experts_select_path(p);
+  TORCH_CHECK(path != mixtral::MoeExpertsPath::kUnavailable, op, ": the ", mixtral::moe_experts_path_name(p.path),
+              " path cannot run T = ", T, ", H = ", H, ", I = ", I, ", E = ", E, ", k = ", k, " on this device (",
+              "compute capability ", attrs.sm_major, ".x) with this build");
+  // The grouped GEMMs read dense tiles: quantized experts are expanded to x's dtype first (a temporary of the dense
+  // experts' size: 2.8 GB for a Mixtral layer in bf16).
+  at::Tensor w13_dequant, w2_dequant;
+  if (mixtral::moe_experts_needs_dequant(p, path)) {
+    w13_dequant = b.empty({E, 2 * I, H}, x.options(), "w13_dequant");
+    w2_dequant = b.empty({E, H, I}, x.options(), "w2_dequant");
+    p.w13_dequant = w13_dequant.data_ptr();
+    p.w2_dequant = w2_dequant.data_ptr();
   }
-  if (!done) {
-    mixtral::MoeDecodeParams d{};
-    d.x = x.data_ptr();
-    d.sorted_tokens = sorted_tokens.data_ptr<int>();
-    d.expert_offsets = expert_offsets.data_ptr<int>();
-    d.w13 = w13.data_ptr();
-    d.w2 = w2.data_ptr();
-    if (quant) {
-      d.wformat = quant->wformat;
-      d.w13_scale = quant->w13_scale;
-      d.w2_scale = quant->w2_scale;
-    }
-    d.inter = inter.data_ptr();
-    d.out_rows = out_rows.data_ptr<float>();
-    d.tokens = T;
-    d.hidden = H;
-    d.inter_size = I;
-    d.top_k = static_cast<int>(k);
-    d.experts = static_cast<int>(E);
-    d.dtype = dt;
-    b.check_launch(op, mixtral::moe_decode_experts_launch(d, stream));
-  }
-  mixtral::MoeCombineParams c{};
-  c.out_rows = out_rows.data_ptr<float>();
-  c.topk_weights = topk_weights.data_ptr<float>();
-  c.token_rows = token_rows.data_ptr<int>();
-  c.y = y.data_ptr();
-  c.tokens = T;
-  c.hidden = H;
-  c.top_k = static_cast<int>(k);
-  c.dtype = dt;
-  b.check_launch(op, mixtral::moe_combine_launch(c, stream));
+  b.check_launch(op, mixtral::moe_experts_launch(p, b.stream()));
   return y;
 }
 
-// ---- moe_experts_quant ------------------------------------------------------------------------------------------
-// Dequantized [E, N, K] weights in x's dtype from int8 q [E, N, K] + scale [E, N], or packed int4 q [E, N, K/2] +
-// scale [E, N, K/128]: the reference's q * scale in fp32, rounded once to dtype (one streaming kernel).
+// x: [T, H] bf16/fp16; routing tensors as moe_route returns them (see moe_experts_run); w13: [E, 2I, H] (rows 2i /
+// 2i+1 = gate / up of unit i); w2: [E, H, I], both in x's dtype. Returns y [T, H] in x's dtype.
 template <class Backend>
-at::Tensor dequantize_experts(Backend& b, const at::Tensor& q, const at::Tensor& scale, int64_t bits,
-                              const at::Tensor& x, const char* op, const char* name) {
-  const int64_t E = q.size(0), N = q.size(1), K = bits == 8 ? q.size(2) : 2 * q.size(2);
-  at::Tensor out = b.empty({E, N, K}, x.options(), name);
-  mixtral::MoeDequantParams p{};
-  p.q = q.data_ptr();
-  p.scale = scale.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.rows = E * N;
-  p.k = K;
-  p.wformat = bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4;
-  p.dtype = dtype_tag(x, op, "x");
-  b.check_launch(op, mixtral::moe_dequantize_launch(p, b.stream()));
-  return out;
+at::Tensor moe_experts_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
+                            const at::Tensor& topk_ids, const at::Tensor& expert_offsets,
+                            const at::Tensor& sorted_tokens, const at::Tensor& token_rows, const at::Tensor& w13,
+                            const at::Tensor& w2) {
+  constexpr const char* op = "mixtral_ext::moe_experts";
+  CHECK_DEVICE_TENSOR(b, op, x);
+  for (const at::Tensor* t : {&w13, &w2})
+    TORCH_CHECK(t->device() == x.device(), op, ": every argument must be on x's device ", x.device(), ", got ",
+                t->device());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be bfloat16 or float16 (float32 runs the reference through ops.py), got ", x.scalar_type());
+  CHECK_DIM(op, x, 2);
+  CHECK_CONTIGUOUS(op, x);
+  CHECK_DIM(op, w13, 3);
+  CHECK_DIM(op, w2, 3);
+  CHECK_DTYPE(op, w13, x.scalar_type());
+  CHECK_DTYPE(op, w2, x.scalar_type());
+  CHECK_CONTIGUOUS(op, w13);
+  CHECK_CONTIGUOUS(op, w2);
+  const int64_t H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == H, op, ": w13 must be [E, 2I, H] with H = ", H, ", got ",
+              w13.sizes());
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, op, ": w2 must be [E, H, I] = [", E, ", ", H,
+              ", ", I, "], got ", w2.sizes());
+  check_moe_experts_supported(op, E, H, I, mixtral::WeightFormat::kDense, x);
+  return moe_experts_run(b, op, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2, E, I,
+                         mixtral::WeightFormat::kDense, nullptr, nullptr);
 }
 
+// ---- moe_experts_quant ------------------------------------------------------------------------------------------
 // moe_experts with weight-only quantized experts (formats: mixtral_ext/quant.py; bits 8 or 4). x: [T, H] bf16/fp16;
 // routing tensors as in moe_experts; bits 8: w13 int8 [E, 2I, H], w13_scale f32 [E, 2I], w2 int8 [E, H, I],
 // w2_scale f32 [E, H]; bits 4: w13 uint8 [E, 2I, H/2], w13_scale f32 [E, 2I, H/128], w2 uint8 [E, H, I/2], w2_scale
-// f32 [E, H, I/128]. The decode regime runs the GEMVs on the quantized bytes, dequantizing in registers. The prefill
-// regime (b.moe_prefill(T)) dequantizes all experts into temporaries in x's dtype and runs moe_experts' grouped
-// GEMM: the tensor-core tiles do not dequantize yet. Cost: a temporary of the bf16 experts' size per call (2.8 GB
-// for a Mixtral layer) and a streaming pass over it (~1 ms per Mixtral layer at 4 TB/s, against ~3.7 ms for the
-// GEMM of a 4096-token prompt).
+// f32 [E, H, I/128]. The decode path runs the GEMVs on the quantized bytes, dequantizing in registers; the grouped
+// GEMMs run on copies expanded to x's dtype (moe_experts.cu).
 template <class Backend>
 at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Tensor& topk_weights,
                                   const at::Tensor& topk_ids, const at::Tensor& expert_offsets,
@@ -616,7 +576,7 @@ at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Ten
   CHECK_DTYPE(op, w2_scale, at::kFloat);
   for (const at::Tensor* t : {&x, &w13, &w13_scale, &w2, &w2_scale})
     TORCH_CHECK(t->is_contiguous(), op, ": x, w13, w13_scale, w2 and w2_scale must be contiguous");
-  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+  const int64_t H = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
   const int64_t per_byte = bits == 8 ? 1 : 2;
   check_moe_experts_supported(op, E, H, I, bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4, x);
   TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) * per_byte == H, op, ": w13 must be [E, 2I, ", H / per_byte,
@@ -631,20 +591,9 @@ at::Tensor moe_experts_quant_impl(Backend& b, const at::Tensor& x, const at::Ten
               w13_scale.sizes());
   TORCH_CHECK(w2_scale.sizes() == at::IntArrayRef(s2), op, ": w2_scale must be ", at::IntArrayRef(s2), ", got ",
               w2_scale.sizes());
-  TORCH_CHECK((reinterpret_cast<uintptr_t>(w13.data_ptr()) | reinterpret_cast<uintptr_t>(w2.data_ptr())) % 16 == 0,
-              op, ": w13 and w2 must be 16-byte aligned");
-  if (b.moe_prefill(T)) {
-    // Prefill: dequantize, then the bf16/fp16 path (which checks the routing tensors).
-    const auto guard = b.guard(x);
-    return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows,
-                            dequantize_experts(b, w13, w13_scale, bits, x, op, "w13_dequant"),
-                            dequantize_experts(b, w2, w2_scale, bits, x, op, "w2_dequant"));
-  }
-  MoeQuantArgs q;
-  q.wformat = bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4;
-  q.w13_scale = w13_scale.data_ptr<float>();
-  q.w2_scale = w2_scale.data_ptr<float>();
-  return moe_experts_impl(b, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2, &q);
+  return moe_experts_run(b, op, x, topk_weights, topk_ids, expert_offsets, sorted_tokens, token_rows, w13, w2, E, I,
+                         bits == 8 ? mixtral::WeightFormat::kInt8 : mixtral::WeightFormat::kInt4,
+                         w13_scale.data_ptr<float>(), w2_scale.data_ptr<float>());
 }
 
 // ---- what each kernel supports ----------------------------------------------------------------------------------

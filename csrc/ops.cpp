@@ -2,8 +2,8 @@
 //
 // The tensor -> params logic of every op (checks, outputs, launches) lives in op_impl.h, shared with the emulation
 // binding (csrc/emu/emu_ops.cpp); this file is its CUDA backend: CUDA tensors, at::empty, the device guard, the current
-// stream, the attention_prefill path choice and the per-device attribute cache. Nothing here synchronises with the
-// host, so every op can be captured in a CUDA graph.
+// stream, the attention_prefill and moe_experts path settings and the per-device attribute cache. Nothing here
+// synchronises with the host, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -47,6 +47,17 @@ AttnPathChoice attn_path_choice() {
   return choice;
 }
 
+// Which code path serves moe_experts (and moe_experts_quant): MIXTRAL_EXT_MOE_PATH=auto|decode|sm80|sm90 (default
+// auto: the launcher's choice by T and device, moe_experts.h). decode, sm80 and sm90 force that path at any T, for
+// tests and benchmarks (decode at large T measures the decode/prefill threshold); a forced path that cannot run is
+// an error. Read on every call (a getenv, negligible next to the GEMMs): the tests and benchmarks switch paths within
+// one process.
+mixtral::MoeExpertsPath moe_experts_path() {
+  constexpr mixtral::MoeExpertsPath kPaths[] = {mixtral::MoeExpertsPath::kAuto, mixtral::MoeExpertsPath::kDecode,
+                                                mixtral::MoeExpertsPath::kSm80, mixtral::MoeExpertsPath::kSm90};
+  return kPaths[mixtral::env::choice("MIXTRAL_EXT_MOE_PATH", {"auto", "decode", "sm80", "sm90"})];
+}
+
 mixtral::AttnPath attn_prefill_path(const at::Tensor& q) {
   const AttnPathChoice choice = attn_path_choice();
   if (choice == AttnPathChoice::kSm80) return mixtral::AttnPath::kSm80;
@@ -78,8 +89,7 @@ struct CudaBackend {
   // MIXTRAL_EXT_DECODE_SPLITS=n in 1..64 forces n splits, for tests of the split/combine path. Read on every call:
   // the tests change it within one process.
   int decode_splits(int n) const { return mixtral::env::integer("MIXTRAL_EXT_DECODE_SPLITS", 1, 64, n); }
-  bool moe_prefill(int64_t T) const { return T > mixtral::kMoeDecodeMaxTokens; }
-  bool moe_decode_fallback() const { return true; }
+  mixtral::MoeExpertsPath moe_experts_path() const { return ::moe_experts_path(); }
 };
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps,

@@ -292,15 +292,15 @@ def checks(backend, arch, emu_archs=(80, 90)):
          "moe_route_single_kernel"),
         ("moe_route", "count/scan/scatter (T=4100)", lambda be: _check_route(be, 4100, "multi", arch),
          "moe_route_scatter_kernel"),
-        ("moe_experts", "decode GEMVs (T=1)", lambda be: _check_moe(be, 1, "decode", arch), "moe_gemv_kernel"),
+        ("moe_experts", "decode GEMVs (T=1)", lambda be: _check_moe(be, 1, "decode", arch), "moe_experts_gemv_kernel"),
         ("moe_experts", "decode GEMVs (T=3, one expert)", lambda be: _check_moe(be, 3, "decode", arch, True),
-         "moe_gemv_kernel"),
+         "moe_experts_gemv_kernel"),
         ("moe_experts_quant", "int8 decode GEMVs (T=1)", lambda be: _check_moe_quant(be, 1, "decode", "int8", arch),
-         "moe_gemv_kernel"),
+         "moe_experts_gemv_kernel"),
         ("moe_experts_quant", "int4 decode GEMVs (T=5, one expert)",
-         lambda be: _check_moe_quant(be, 5, "decode", "int4", arch, True), "moe_gemv_kernel"),
+         lambda be: _check_moe_quant(be, 5, "decode", "int4", arch, True), "moe_experts_gemv_kernel"),
         ("moe_experts_quant", "int4 prefill dequant+GEMM (T=80)",
-         lambda be: _check_moe_quant(be, 80, "prefill", "int4", arch, True), "moe_dequant_kernel"),
+         lambda be: _check_moe_quant(be, 80, "prefill", "int4", arch, True), "moe_experts_dequant_kernel"),
         ("attention_decode", "auto splits", lambda be: _check_decode(be, 0, 0, arch), "attention_decode_kernel"),
         ("attention_decode", "3 splits, window 50", lambda be: _check_decode(be, 3, 50, arch),
          "attention_decode_combine_kernel"),
@@ -309,7 +309,7 @@ def checks(backend, arch, emu_archs=(80, 90)):
         label, sm = ("sm_80 mma.sync", "sm80") if a < 90 else ("sm_90a wgmma", "sm90")
         # on a GPU the launcher picks the regime by T: 80 tokens is the grouped GEMM
         c.append(("moe_experts", f"prefill {label} (T=80, skewed)",
-                  lambda be, a=a: _check_moe(be, 80, "prefill", a, True), f"moe_gemm_{sm}_kernel"))
+                  lambda be, a=a: _check_moe(be, 80, "prefill", a, True), f"moe_experts_{sm}_kernel"))
         c.append(("attention_prefill", f"{label} ragged + prefix",
                   lambda be, a=a: _check_prefill(be, 0, a), f"attention_prefill_{sm}_kernel"))
         c.append(("attention_prefill", f"{label} window 40",

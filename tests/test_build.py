@@ -128,9 +128,10 @@ def resources(cuobjdump, built):
 
 def test_kernel_name_parser():
     assert _kernel("_ZN7mixtral12_GLOBAL__N_115rms_norm_kernelILi0EEEvNS_13RmsNormParamsE") == "rms_norm_kernel"
-    assert _kernel("_ZN7mixtral8moe_gemm22moe_gather_rows_kernelEPK5uint4PKiPS2_li") == "moe_gather_rows_kernel"
-    assert _kernel("_ZN7mixtral8moe_gemm40_GLOBAL__N__1a2b3c4d_16_moe_gemm_sm90_cu22moe_gather_rows_kernelEv") == (
-        "moe_gather_rows_kernel")
+    k = "moe_experts_gather_rows_kernel"
+    assert _kernel("_ZN7mixtral11moe_experts30moe_experts_gather_rows_kernelEPK5uint4PKiPS2_li") == k
+    assert _kernel("_ZN7mixtral11moe_experts43_GLOBAL__N__1a2b3c4d_19_moe_experts_sm90_cu30moe_experts_gather_rows_"
+                   "kernelEv") == k
     assert _kernel("_Z12plain_kernelPf") == "plain_kernel"
     assert _kernel("_ZL13static_kernelv") == "static_kernel"
 
@@ -171,19 +172,20 @@ KERNELS = {"rms_norm_kernel": None, "rope_kv_append_kernel": None, "attention_de
            "attention_decode_combine_kernel": None, "attention_prefill_sm80_kernel": None,
            "attention_prefill_sm90_kernel": None, "moe_route_single_kernel": None, "moe_route_count_kernel": None,
            "moe_route_scan_kernel": None, "moe_route_scatter_kernel": None,
-           "moe_gemv_kernel": 60,  # 2 dtypes x 3 weight formats (dense, int8, int4) x 2 epilogues x 5 row chunks
-           "moe_combine_kernel": 2,  # 2 dtypes
-           "moe_gemm_sm80_kernel": None, "moe_gemm_sm90_kernel": None, "moe_gather_rows_kernel": None,
-           "moe_dequant_kernel": None}
+           "moe_experts_gemv_kernel": 60,  # 2 dtypes x 3 weight formats (dense, int8, int4) x 2 epilogues x 5 chunks
+           "moe_experts_combine_kernel": 2,  # 2 dtypes
+           "moe_experts_sm80_kernel": None, "moe_experts_sm90_kernel": None,
+           "moe_experts_gather_rows_kernel": None,
+           "moe_experts_dequant_kernel": None}
 # The instructions every instantiation of a kernel must hold in its SASS, in every image: the mma.sync paths are
 # built around HMMA fed by ldmatrix (LDSM) from tiles cp.async (LDGSTS) loaded.
 SASS_ALL_ARCHS = {"attention_prefill_sm80_kernel": ("HMMA", "LDSM", "LDGSTS"),
-                  "moe_gemm_sm80_kernel": ("HMMA", "LDSM", "LDGSTS")}
+                  "moe_experts_sm80_kernel": ("HMMA", "LDSM", "LDGSTS")}
 # The same in the sm_90a image, where every kernel named *sm90* is a wgmma (HGMMA) kernel, else it runs on a slower
 # path; both rebalance registers between their warpgroups (USETMAXREG) and wait on mbarriers (SYNCS), and the
 # grouped GEMM loads through TMA (UTMALDG).
 SASS_SM90A = {"attention_prefill_sm90_kernel": ("HGMMA", "USETMAXREG", "SYNCS"),
-              "moe_gemm_sm90_kernel": ("HGMMA", "UTMALDG", "USETMAXREG", "SYNCS")}
+              "moe_experts_sm90_kernel": ("HGMMA", "UTMALDG", "USETMAXREG", "SYNCS")}
 
 
 @pytest.mark.parametrize("arch", _archs())
@@ -209,7 +211,7 @@ def test_tensor_core_kernels_hold_their_instructions(sass, arch):
 
 def test_hopper_kernels_use_wgmma(sass):
     """Every kernel whose own name says sm90 holds HGMMA in its sm_90a SASS (the file or namespace it sits in does
-    not count: moe_gather_rows_kernel lives in the sm90 grouped GEMM's file and is a plain copy)."""
+    not count: moe_experts_gather_rows_kernel lives in the sm90 grouped GEMM's file and is a plain copy)."""
     if "sm_90a" not in _archs():
         pytest.skip("not built for sm_90a")
     hopper = {k: bodies for (a, k), bodies in sass.items() if a == "sm_90a" and "sm90" in k}

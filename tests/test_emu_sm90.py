@@ -183,7 +183,7 @@ def test_attention_prefill_register_guard_declines_to_sm80():
 
 
 def moe_case(T, kind="random", E=8, top_k=2, H=64, I=64, dtype=torch.bfloat16, seed=0):
-    from test_moe_prefill import eager_low, make_logits, make_weights, reference_fp32, route_of
+    from test_moe_experts_prefill import eager_low, make_logits, make_weights, reference_fp32, route_of
 
     torch.manual_seed(seed)
     x = torch.randn(T, H).to(dtype)
@@ -201,7 +201,7 @@ def moe_case(T, kind="random", E=8, top_k=2, H=64, I=64, dtype=torch.bfloat16, s
 def test_moe_grouped_gemm_sm90_tokens(T):
     """E = 8, top-2, the smallest H and I the Hopper path takes (multiples of 8; 64 = one k-tile), bf16."""
     names = moe_case(T, seed=T)
-    assert sum("moe_gemm_sm90_kernel" in k for k in names) == 2, names
+    assert sum("moe_experts_sm90_kernel" in k for k in names) == 2, names
 
 
 @pytest.mark.parametrize("kind", ["two_empty", "one", "single_row"])
@@ -224,7 +224,7 @@ def test_moe_grouped_gemm_sm90_ring_wraps(T):
 
 
 def test_moe_register_guard_declines_to_sm80():
-    emu.set_num_regs(160, "moe_gemm_sm90_kernel")
+    emu.set_num_regs(160, "moe_experts_sm90_kernel")
     names = moe_case(20, seed=2)
-    assert not any("moe_gemm_sm90_kernel" in k for k in names), names
-    assert any("moe_gemm_sm80" in k for k in names), names
+    assert not any("moe_experts_sm90_kernel" in k for k in names), names
+    assert any("moe_experts_sm80" in k for k in names), names

@@ -36,7 +36,7 @@ def test_attention_decode_reads_each_visible_kv_byte_once(splits, window):
 
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("H,I,exact", [(2048, 1024, True), (264, 200, False)])
-def test_moe_decode_reads_active_expert_weights_once(T, H, I, exact):
+def test_moe_experts_decode_reads_active_expert_weights_once(T, H, I, exact):
     """Distinct bytes: exactly the active experts' weights. Every load: within 5% where K is a multiple of the
     lanes' stride (at H = 264, I = 200 the K-tail reloads the last vector, a cache hit on a GPU)."""
     E, k = 8, 2
@@ -53,7 +53,7 @@ def test_moe_decode_reads_active_expert_weights_once(T, H, I, exact):
 
 
 @pytest.mark.parametrize("mode,H,I,exact", [("int8", 2048, 2048, True), ("int4", 2048, 1024, False)])
-def test_moe_decode_quant_reads_active_expert_bytes_once(mode, H, I, exact):
+def test_moe_experts_quant_decode_reads_active_expert_bytes_once(mode, H, I, exact):
     """The quantized GEMVs read the packed bytes, not a dequantized copy: distinct bytes are exactly the active
     experts' int8 (1 byte a weight) or int4 (half a byte) weights. Every load within 5% of them where K has no tail
     (int8, K = 2048: 128 vectors = 32 lanes x 4 in flight); int4 always has one at T = 1 (a 16-byte vector holds 32

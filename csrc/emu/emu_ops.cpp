@@ -70,7 +70,7 @@ struct EmuBackend {
   static constexpr const char* kDeviceWord = "CPU";
   RegionScope& region;
   int arch = 80;                 // the architecture the CUDA stand-ins report (80 or 90)
-  bool moe_prefill_path = false; // moe_experts: the grouped GEMM (prefill regime) instead of the decode GEMVs
+  mixtral::MoeExpertsPath moe_path = mixtral::MoeExpertsPath::kAuto;  // moe_experts: the path asked for
   int splits = 0;                // attention_decode: forced split count, 0 = the launcher's choice
 
   bool on_device(const at::Tensor& t) const { return t.device().is_cpu(); }
@@ -90,8 +90,7 @@ struct EmuBackend {
     return arch >= 90 ? mixtral::AttnPath::kSm90 : mixtral::AttnPath::kSm80;
   }
   int decode_splits(int n) const { return splits > 0 ? std::min(splits, 64) : n; }
-  bool moe_prefill(int64_t) const { return moe_prefill_path; }
-  bool moe_decode_fallback() const { return false; }  // a declined grouped GEMM is an error, not a silent fallback
+  mixtral::MoeExpertsPath moe_experts_path() const { return moe_path; }
 };
 
 int check_arch(const char* op, int64_t arch) {
@@ -181,18 +180,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {w.clone(), ids.clone(), counts.clone(), offsets.clone(), sorted.clone(), rows.clone()};
 }
 
-// regime: "decode" (the GEMVs) or "prefill" (the grouped GEMM of the chosen arch; declining is an error).
+// regime: "decode" (the GEMVs) or "prefill" (the grouped GEMM: on arch 90 the sm90 path where it can run, else sm80;
+// neither running is an error), the MoeExpertsPath the emulated op asks the launcher for.
+mixtral::MoeExpertsPath moe_regime_path(const char* op, const std::string& regime) {
+  TORCH_CHECK(regime == "decode" || regime == "prefill", op, ": regime must be 'decode' or 'prefill', got '", regime,
+              "'");
+  return regime == "prefill" ? mixtral::MoeExpertsPath::kGroupedGemm : mixtral::MoeExpertsPath::kDecode;
+}
+
 at::Tensor moe_experts_emu(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                            const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
                            const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2,
                            const std::string& regime, int64_t arch) {
   constexpr const char* op = "mixtral_ext.emu.moe_experts";
-  TORCH_CHECK(regime == "decode" || regime == "prefill", op, ": regime must be 'decode' or 'prefill', got '", regime,
-              "'");
+  const mixtral::MoeExpertsPath path = moe_regime_path(op, regime);
   const std::lock_guard<std::mutex> lock(g_mu);
   RegionScope region;
-  EmuBackend b{region, check_arch(op, arch)};
-  b.moe_prefill_path = regime == "prefill";
+  EmuBackend b{region, check_arch(op, arch), path};
   at::Tensor y = moe_experts_impl(
       b, region.copy_in(x, "x"), region.copy_in(topk_weights, "topk_weights"), region.copy_in(topk_ids, "topk_ids"),
       region.copy_in(expert_offsets, "expert_offsets"), region.copy_in(sorted_tokens, "sorted_tokens"),
@@ -201,20 +205,18 @@ at::Tensor moe_experts_emu(const at::Tensor& x, const at::Tensor& topk_weights, 
   return y.clone();
 }
 
-// regime: "decode" (the GEMVs on the quantized bytes) or "prefill" (dequantize kernel, then the arch's grouped GEMM;
-// declining is an error). bits: 8 (int8) or 4 (packed int4).
+// regime as in moe_experts_emu: "decode" runs the GEMVs on the quantized bytes, "prefill" the dequantize kernel and
+// then the grouped GEMM. bits: 8 (int8) or 4 (packed int4).
 at::Tensor moe_experts_quant_emu(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                  const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
                                  const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w13_scale,
                                  const at::Tensor& w2, const at::Tensor& w2_scale, int64_t bits,
                                  const std::string& regime, int64_t arch) {
   constexpr const char* op = "mixtral_ext.emu.moe_experts_quant";
-  TORCH_CHECK(regime == "decode" || regime == "prefill", op, ": regime must be 'decode' or 'prefill', got '", regime,
-              "'");
+  const mixtral::MoeExpertsPath path = moe_regime_path(op, regime);
   const std::lock_guard<std::mutex> lock(g_mu);
   RegionScope region;
-  EmuBackend b{region, check_arch(op, arch)};
-  b.moe_prefill_path = regime == "prefill";
+  EmuBackend b{region, check_arch(op, arch), path};
   at::Tensor y = moe_experts_quant_impl(
       b, region.copy_in(x, "x"), region.copy_in(topk_weights, "topk_weights"), region.copy_in(topk_ids, "topk_ids"),
       region.copy_in(expert_offsets, "expert_offsets"), region.copy_in(sorted_tokens, "sorted_tokens"),

@@ -387,7 +387,7 @@ cudaError_t launch_sm90(const AttentionPrefillParams& p, cudaStream_t stream) {
 // warpgroup returns 128 x (R - kProducerRegs), the consumers then take 256 x (kConsumerRegs - R), and their
 // setmaxnreg.inc waits until the pool holds that many - forever if it never will. ptxas gives this kernel the
 // __launch_bounds__(384, 1) maximum, R = 168, which balances exactly (and no larger R fits those bounds); a compiler
-// that chose fewer registers would hang every block, so such a binary is declined (as moe_gemm_sm90's regs_ok does)
+// that chose fewer registers would hang every block, so such a binary is declined (as moe_experts_sm90's regs_ok does)
 // and attention_prefill_sm90_launch runs the sm_80 path instead.
 template <typename T>
 bool regs_ok() {

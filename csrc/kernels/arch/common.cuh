@@ -34,7 +34,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 }
 
 // ld.global.nc.L1::no_allocate.L2::256B.v4.u32: a 16-byte read-only global load that does not allocate in L1 and
-// hints a 256-byte L2 prefetch. volatile: the compiler issues every such load where it is written (see moe_decode).
+// hints a 256-byte L2 prefetch. volatile: the compiler issues every such load where it is written (see moe_experts_decode.cu).
 __device__ __forceinline__ uint4 ld_global_nc_L1_no_allocate_v4_u32(const uint4* ptr) {
   uint4 v;
 #ifndef MIXTRAL_EMU

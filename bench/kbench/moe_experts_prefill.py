@@ -6,8 +6,8 @@ path forced through MIXTRAL_EXT_MOE_PATH), and the baselines on the same GPU and
   dense       torch.matmul of the same FLOPs ([R, H] x [H, 2I], then [R, I] x [I, H], one weight for all rows);
   hf_loop     transformers' MixtralSparseMoeBlock (router + per-expert loop), when transformers imports.
 FLOPs per call: 2 R H 2I + 2 R I H = 6 R H I with R = 2T (router and combine not counted).
-For T up to 512 the row also times moe_experts with MIXTRAL_EXT_MOE_PATH=decode (the grouped GEMM declines, the
-decode GEMV kernels run): where that column beats "ours", the decode threshold (moe_decode.h) should move up.
+For T up to 512 the row also times moe_experts with MIXTRAL_EXT_MOE_PATH=decode (the decode GEMV kernels at any T):
+where that column beats "ours", the decode threshold (kMoeExpertsDecodeMaxTokens, moe_experts.h) should move up.
 """
 import os
 

@@ -1,5 +1,5 @@
-"""moe_experts at decode sizes with bf16, int8 and int4 experts, Mixtral shapes (H 4096, I 14336, 8 experts, top-2,
-bf16 activations): µs per MoE layer (GEMVs + combine) and achieved GB/s on the bytes each format actually reads -
+"""moe_experts_quant (moe_experts for the bf16 row) at decode sizes with bf16, int8 and int4 experts, Mixtral shapes
+(H 4096, I 14336, 8 experts, top-2, bf16 activations): µs per MoE layer (GEMVs + combine) and achieved GB/s on the bytes each format actually reads -
 the active experts' weights at their stored size (2, 1 or 0.5 bytes a weight) plus their float32 scales - against
 the measured copy bandwidth. T = 1 and 8 (2 and ~7 active experts under a uniform router).
 
@@ -37,12 +37,7 @@ def run(device, quick):
                   "int4": quant.expert_bytes(cfg, "int4", 2) / E}
     rows = []
     for T in (1, 8):
-        sets = []
-        for _ in range(4):
-            x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-            route = ops.moe_route(torch.randn(T, E, device="cuda", generator=g), K)
-            sets.append((x, route))
-        active = sum(int((s[1].expert_counts > 0).sum()) for s in sets) / len(sets)
+        sets, active = common.routed_inputs(T, H, E, K, g)
         base = None
         for name, (w13, w2, s13, s2) in formats.items():
             ms = common.time_fn(lambda x, route: ops.moe_experts(x, route, w13, w2, s13, s2), sets)

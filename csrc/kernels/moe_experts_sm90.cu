@@ -1,7 +1,7 @@
-// Grouped expert GEMM, Hopper path (sm_90a): TMA loads into a 128B-swizzled multi-stage mbarrier ring, wgmma from
-// shared memory, warp specialisation (one producer warpgroup, two consumer warpgroups, setmaxnreg).
+// moe_experts, grouped expert GEMM, Hopper path (sm_90a): TMA loads into a 128B-swizzled multi-stage mbarrier
+// ring, wgmma from shared memory, warp specialisation (one producer warpgroup, two consumer warpgroups, setmaxnreg).
 //
-// Algorithm: persistent blocks (one per SM; 192 KB of shared memory) walk the tile list of moe_gemm_common.cuh; a
+// Algorithm: persistent blocks (one per SM; 192 KB of shared memory) walk the tile list of moe_experts_common.cuh; a
 // tile is 128 rows x BN columns, K walked in 64-wide k-tiles. BN = 256 with a 4-deep ring of 48 KB slots, or BN = 128
 // with a 6-deep ring of 32 KB slots when 256-wide tiles would make fewer than two waves over the SMs (GEMM2 at a few
 // hundred tokens); fewer stages where the device has less shared memory. One thread of the producer warpgroup waits
@@ -13,9 +13,9 @@
 // agree without messages.
 //
 // Gather: TMA's tiled mode copies boxes of consecutive rows and cannot gather the rows of x that an expert's tile
-// needs. So GEMM1 first copies x into expert order, x_perm[r] = x[sorted_tokens[r]] (moe_gather_rows_kernel), and
-// TMA reads A boxes from x_perm. That costs one extra read + write of R x H elements (~1% of GEMM1's time at T = 4096,
-// Mixtral shapes) and buys a fully asynchronous single-thread producer; the alternative (four producer warps issuing
+// needs. So GEMM1 first copies x into expert order, x_perm[r] = x[sorted_tokens[r]] (moe_experts_gather_rows_kernel),
+// and TMA reads A boxes from x_perm. That costs one extra read + write of R x H elements (~1% of GEMM1's time at
+// T = 4096, Mixtral shapes) and buys a fully asynchronous single-thread producer; the alternative (four producer warps issuing
 // per-row 16-byte cp.async into the swizzled layout) would use more issue slots and registers in the producer. The
 // copy lives in out_rows, which GEMM2 overwrites afterwards: R*H 16-bit values fit in its R*H fp32, and GEMM2 reads
 // only inter and w2, so no extra workspace is needed. GEMM2's A (inter) is already in expert order.
@@ -44,15 +44,15 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "moe_gemm_common.cuh"
+#include "moe_experts_common.cuh"
 #include "arch/sm90.cuh"  // also CUtensorMap and the driver types of its encoding
 
 namespace mixtral {
-namespace moe_gemm {
+namespace moe_experts {
 
 // x_perm[r, :] = x[sorted_tokens[r], :], 16 bytes per thread per step (H is a multiple of 8). Outside the anonymous
 // namespace so its symbol does not carry this file's name (tests treat every kernel named *sm90* as a wgmma kernel).
-__global__ void moe_gather_rows_kernel(const uint4* __restrict__ x, const int* __restrict__ sorted_tokens,
+__global__ void moe_experts_gather_rows_kernel(const uint4* __restrict__ x, const int* __restrict__ sorted_tokens,
                                        uint4* __restrict__ out, int64_t rows, int vec_per_row) {
   const int64_t total = rows * vec_per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -118,7 +118,7 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[BN / 2], uint64_t desc_a, 
 // SWIGLU: GEMM1 (A = x_perm, silu(gate)*up epilogue into inter T [R, N/2]); else GEMM2 (fp32 out [R, N]).
 template <typename T, int BN, int STAGES, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 1)
-    moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
+    moe_experts_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                          GemmArgs g) {
 #ifdef MIXTRAL_SM90A
   static_assert(STAGES >= 3, "at least 3 stages");
@@ -285,7 +285,7 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, int6
 template <typename T, int BN, int STAGES, bool SWIGLU>
 cudaError_t launch_one(const CUtensorMap& ma, const CUtensorMap& mb, const GemmArgs& g, int64_t rows,
                        int sm_count, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm90_kernel<T, BN, STAGES, SWIGLU>;
+  auto kernel = moe_experts_sm90_kernel<T, BN, STAGES, SWIGLU>;
   constexpr int smem = sm90_smem_bytes<BN, STAGES>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -297,8 +297,8 @@ cudaError_t launch_one(const CUtensorMap& ma, const CUtensorMap& mb, const GemmA
 }
 
 template <int BN, int STAGES>
-bool fits(const MoeGroupedGemmParams& p) {
-  return p.max_smem_per_block >= sm90_smem_bytes<BN, STAGES>() + kStaticSmemBound;
+bool fits(const MoeExpertsParams& p) {
+  return p.max_smem_optin >= sm90_smem_bytes<BN, STAGES>() + kStaticSmemBound;
 }
 
 // One GEMM's configuration: tile width and ring depth, from the SM count and the shared-memory limit.
@@ -307,7 +307,7 @@ struct Config {
   int stages = 0;
 };
 
-Config choose(const MoeGroupedGemmParams& p, int64_t rows, int64_t n) {
+Config choose(const MoeExpertsParams& p, int64_t rows, int64_t n) {
   // Expected M-tiles: the full ones plus about half a partial tile per expert. Fewer than two waves of 256-wide
   // tiles (GEMM2 at a few hundred tokens) leave SMs idle in the last wave: halve the width, double the tiles.
   const int64_t mtiles = rows / kBM + (p.experts + 1) / 2;
@@ -324,11 +324,11 @@ Config choose(const MoeGroupedGemmParams& p, int64_t rows, int64_t n) {
 // warpgroup returns 128 x (R - kProducerRegs), the consumers then take 256 x (kConsumerRegs - R), and their
 // setmaxnreg.inc waits until the pool holds that many, forever if it never will. ptxas gives this kernel the
 // __launch_bounds__ maximum, R = 168, which balances exactly; a compiler that chose fewer registers would hang the
-// kernel, so such a build declines this path (the sm80 path runs instead).
+// kernel, so such a build cannot take this path (sm90_supported is false: the automatic choice takes sm80).
 template <typename T, int BN, int STAGES, bool SWIGLU>
 bool regs_ok() {
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, moe_gemm_sm90_kernel<T, BN, STAGES, SWIGLU>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, moe_experts_sm90_kernel<T, BN, STAGES, SWIGLU>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -351,17 +351,15 @@ cudaError_t launch_config(const Config& c, const CUtensorMap& ma, const CUtensor
   if (c.bn == 256 && c.stages == 3) return launch_one<T, 256, 3, SWIGLU>(ma, mb, g, rows, sm_count, stream);
   if (c.bn == 128 && c.stages == 6) return launch_one<T, 128, 6, SWIGLU>(ma, mb, g, rows, sm_count, stream);
   if (c.bn == 128 && c.stages == 4) return launch_one<T, 128, 4, SWIGLU>(ma, mb, g, rows, sm_count, stream);
-  return cudaErrorNotSupported;
+  return cudaErrorInvalidConfiguration;  // not reached: choose() returns one of the four
 }
 
-}  // namespace
-
-bool sm90_available() {
+bool sm90_image_loaded() {
   // The kernel has a body only in an sm_90a cubin; on other devices, or with a build for plain sm_90, the loaded
   // image is missing or an empty stub. The real body's static shared memory holds the schedule (2 x 257 ints =
   // 2056 bytes); a stub has none, or only the 1 KB that sm_90 reserves per block.
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, moe_gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, moe_experts_sm90_kernel<__nv_bfloat16, 256, 4, true>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -369,62 +367,53 @@ bool sm90_available() {
   return attr.binaryVersion >= 90 && attr.sharedSizeBytes >= kScheduleBytes && encode_tiled_fn() != nullptr;
 }
 
-namespace {
+// Both GEMMs' configurations fit the shared memory, and their kernels' register counts balance under setmaxnreg.
+template <typename T>
+bool configs_ok(const MoeExpertsParams& p) {
+  const int64_t R = p.tokens * p.top_k;
+  const Config c1 = choose(p, R, 2 * p.inter_size);
+  const Config c2 = choose(p, R, p.hidden);
+  return c1.bn != 0 && c2.bn != 0 && config_regs_ok<T, true>(c1) && config_regs_ok<T, false>(c2);
+}
 
 template <typename T>
-cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+cudaError_t run_typed(const MoeExpertsParams& p, cudaStream_t stream) {
   const CUtensorMapDataType type =
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const int64_t R = p.tokens * p.top_k;
   const int64_t H = p.hidden;
   const int64_t I = p.inter_size;
-  const Config c1 = choose(p, R, 2 * I);
+  const Config c1 = choose(p, R, 2 * I);  // sm90_supported checked that both fit and balance their registers
   const Config c2 = choose(p, R, H);
-  if (c1.bn == 0 || c2.bn == 0) return cudaErrorNotSupported;
-  if (!config_regs_ok<T, true>(c1) || !config_regs_ok<T, false>(c2)) return cudaErrorNotSupported;
   void* x_perm = p.out_rows;  // [R, H] T scratch inside out_rows, see the header comment
   CUtensorMap a1, b1, a2, b2;
+  // The launcher validated the maps' inputs (16-byte aligned bases, 16-byte row strides, rows below 2^31).
   if (!make_map(&a1, type, x_perm, R, H, kBM) || !make_map(&b1, type, p.w13, p.experts * 2 * I, H, c1.bn) ||
       !make_map(&a2, type, p.inter, R, I, kBM) || !make_map(&b2, type, p.w2, p.experts * H, I, c2.bn))
-    return cudaErrorNotSupported;  // nothing launched yet: the caller may take the sm80 path
+    return cudaErrorInvalidValue;
 
   const int vec = static_cast<int>(H / 8);
   const int64_t total = R * vec;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, static_cast<int64_t>(p.sm_count) * 16);
-  mixtral::launch(moe_gather_rows_kernel, static_cast<unsigned>(blocks), 256, 0, stream, static_cast<const uint4*>(p.x),
-                  p.sorted_tokens, static_cast<uint4*>(x_perm), R, vec);
+  mixtral::launch(moe_experts_gather_rows_kernel, static_cast<unsigned>(blocks), 256, 0, stream,
+                  static_cast<const uint4*>(p.x), p.sorted_tokens, static_cast<uint4*>(x_perm), R, vec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-
-  GemmArgs g1{};
-  g1.a = x_perm;
-  g1.gather = nullptr;
-  g1.b = p.w13;
-  g1.out = p.inter;
-  g1.offsets = p.expert_offsets;
-  g1.experts = p.experts;
-  g1.k = static_cast<int>(H);
-  g1.n = static_cast<int>(2 * I);
-  err = launch_config<T, true>(c1, a1, b1, g1, R, p.sm_count, stream);
+  err = launch_config<T, true>(c1, a1, b1, gemm1_args(p, x_perm, nullptr), R, p.sm_count, stream);
   if (err != cudaSuccess) return err;
-
-  GemmArgs g2{};
-  g2.a = p.inter;
-  g2.gather = nullptr;
-  g2.b = p.w2;
-  g2.out = p.out_rows;
-  g2.offsets = p.expert_offsets;
-  g2.experts = p.experts;
-  g2.k = static_cast<int>(I);
-  g2.n = static_cast<int>(H);
-  return launch_config<T, false>(c2, a2, b2, g2, R, p.sm_count, stream);
+  return launch_config<T, false>(c2, a2, b2, gemm2_args(p), R, p.sm_count, stream);
 }
 
 }  // namespace
 
-cudaError_t sm90_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+bool sm90_supported(const MoeExpertsParams& p) {
+  if (p.sm_major != 9 || !sm90_image_loaded()) return false;
+  return p.dtype == DType::kFloat16 ? configs_ok<__half>(p) : configs_ok<__nv_bfloat16>(p);
+}
+
+cudaError_t sm90_run(const MoeExpertsParams& p, cudaStream_t stream) {
   return p.dtype == DType::kFloat16 ? run_typed<__half>(p, stream) : run_typed<__nv_bfloat16>(p, stream);
 }
 
-}  // namespace moe_gemm
+}  // namespace moe_experts
 }  // namespace mixtral

@@ -1,13 +1,15 @@
-"""moe_experts, prefill regime: the tensor-core grouped GEMMs (csrc/kernels/moe_gemm*.cu) behind ops.moe_experts.
+"""moe_experts, prefill regime: the tensor-core grouped GEMMs (csrc/kernels/moe_experts_sm80.cu, moe_experts_sm90.cu)
+behind ops.moe_experts.
 
 The static checks on these kernels' machine code (HMMA / ldmatrix / cp.async, HGMMA / TMA / setmaxnreg, no spills,
 register counts) are in test_build.py with every other kernel's. GPU (`cuda`): ops.moe_experts against the float32
 reference under the 2x rule for T above the decode threshold, skewed routings, Mixtral and awkward shapes, each
 code path forced through MIXTRAL_EXT_MOE_PATH (read at every call, so monkeypatch.setenv switches it in-process) and
 checked to be the one that ran (profiler kernel names), bf16 and fp16, determinism, CUDA graph replay with a
-different routing, no NaN with large activations, and MIXTRAL_EXT_MOE_PATH=decode handing T > threshold back to the
-decode kernels. Every T here is above moe_decode.h's kMoeDecodeMaxTokens (64): if that threshold moves up, the
-smallest T values must move with it (the kernel-name check then says so).
+different routing, no NaN with large activations, MIXTRAL_EXT_MOE_PATH=decode running the decode kernels at
+T > threshold, and an unknown MIXTRAL_EXT_MOE_PATH value or a forced path the device cannot run being an error.
+Every T here is above moe_experts.h's kMoeExpertsDecodeMaxTokens (64): if that threshold moves up, the smallest T
+values of the automatic choice must move with it (the kernel-name check then says so).
 """
 import warnings
 
@@ -109,8 +111,8 @@ def path(request, monkeypatch):
 def expected_kernel(path):
     """Substring of the GEMM kernel name the path must launch."""
     if path == "sm90" or (path == "auto" and is_hopper()):
-        return "moe_gemm_sm90_kernel"
-    return "moe_gemm_sm80_kernel"
+        return "moe_experts_sm90_kernel"
+    return "moe_experts_sm80_kernel"
 
 
 def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="auto", dtype=torch.bfloat16):
@@ -232,7 +234,7 @@ def test_both_paths_agree(kernels, monkeypatch):
     for p in ("sm80", "sm90"):
         monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", p)
         names, outs[p] = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
-        assert names is None or any(f"moe_gemm_{p}_kernel" in n for n in names), sorted(names)
+        assert names is None or any(f"moe_experts_{p}_kernel" in n for n in names), sorted(names)
         assert_2x_rule(outs[p], ref, low, f"path {p}")
     # Both are fp32-accumulated: they differ by accumulation order only, so by a few bf16 output roundings at most.
     scale = ref.abs().max().item()
@@ -283,9 +285,9 @@ def test_graph_replay_with_new_routing(kernels, path):
 
 
 @pytest.mark.cuda
-def test_decode_setting_declines(kernels, monkeypatch):
-    """MIXTRAL_EXT_MOE_PATH=decode: the launcher declines, no grouped-GEMM kernel runs, and moe_experts still gives
-    the right answer through its decode kernels (the fallback the binding takes on cudaErrorNotSupported)."""
+def test_decode_setting_forces_the_gemvs(kernels, monkeypatch):
+    """MIXTRAL_EXT_MOE_PATH=decode above the threshold: no grouped-GEMM kernel runs, the decode GEMVs give the right
+    answer (they take any T)."""
     monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "decode")
     torch.manual_seed(9)
     T, E, H, I = 300, 8, 512, 512
@@ -293,8 +295,9 @@ def test_decode_setting_declines(kernels, monkeypatch):
     w13, w2 = make_weights(E, H, I, "cuda", seed=10)
     route = route_of(make_logits(T, E, "random", 11), 2, "cuda")
     names, out = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
-    assert names is None or not any("moe_gemm_sm" in n for n in names), sorted(names)
-    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2), "decode fallback")
+    assert names is None or not any("moe_experts_sm" in n for n in names), sorted(names)
+    assert names is None or any("moe_experts_gemv_kernel" in n for n in names), sorted(names)
+    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2), "decode path forced")
 
 
 @pytest.mark.cuda
@@ -302,3 +305,28 @@ def test_auto_picks_the_device_path(kernels, monkeypatch):
     """Default (MIXTRAL_EXT_MOE_PATH unset): the sm90 kernels on a Hopper GPU, the sm80 ones elsewhere."""
     monkeypatch.delenv("MIXTRAL_EXT_MOE_PATH", raising=False)
     check(kernels, 1000, E=8, top_k=2, H=1024, I=1024, seed=12, path="auto")
+
+
+@pytest.mark.cuda
+def test_unknown_path_setting_is_an_error(kernels, monkeypatch):
+    """A typo in MIXTRAL_EXT_MOE_PATH must not silently run the automatic choice."""
+    monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "sm_90")
+    x = torch.randn(80, 64, device="cuda").to(torch.bfloat16)
+    w13, w2 = make_weights(8, 64, 64, "cuda", seed=13)
+    route = route_of(make_logits(80, 8, "random", 14), 2, "cuda")
+    with pytest.raises(RuntimeError,
+                       match=r"MIXTRAL_EXT_MOE_PATH must be auto, decode, sm80 or sm90 \(unset: auto\), got 'sm_90'"):
+        kernels.moe_experts(x, route, w13, w2)
+
+
+@pytest.mark.cuda
+def test_forced_path_that_cannot_run_is_an_error(kernels, monkeypatch):
+    """MIXTRAL_EXT_MOE_PATH=sm90 off Hopper: an error naming the path, not a silent fallback to another path."""
+    if is_hopper():
+        pytest.skip("the sm90 path runs on this GPU")
+    monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "sm90")
+    x = torch.randn(80, 64, device="cuda").to(torch.bfloat16)
+    w13, w2 = make_weights(8, 64, 64, "cuda", seed=15)
+    route = route_of(make_logits(80, 8, "random", 16), 2, "cuda")
+    with pytest.raises(RuntimeError, match="the sm90 path cannot run"):
+        kernels.moe_experts(x, route, w13, w2)

@@ -67,7 +67,7 @@ def _time_or_none(fn, sets):
     try:
         return common.time_fn(fn, sets, warmup=2, iters=10)
     except Exception as exc:  # a baseline the installed versions cannot run is reported as missing
-        print(f"moe_decode: baseline failed: {type(exc).__name__}: {exc}")
+        print(f"moe_experts_decode: baseline failed: {type(exc).__name__}: {exc}")
         return None
 
 
@@ -82,7 +82,8 @@ def run(device, quick):
         try:
             hf(torch.randn(1, H, device="cuda").bfloat16(), ops.moe_route(torch.randn(1, E, device="cuda"), K))
         except Exception as exc:
-            print(f"moe_decode: transformers MixtralExperts unusable ({type(exc).__name__}: {exc}); own eager loop")
+            print(f"moe_experts_decode: transformers MixtralExperts unusable ({type(exc).__name__}: {exc}); "
+                  "own eager loop")
             hf = None
     eager_name = "transformers MixtralExperts" if hf is not None else "eager loop"
     eager_fn = hf or (lambda x, route: _eager_loop_own(x, route, gate_up, w2))
@@ -90,12 +91,7 @@ def run(device, quick):
     per_expert = 3 * H * I * 2
     rows = []
     for T in ([1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64]):
-        sets = []
-        for _ in range(4):
-            x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-            route = ops.moe_route(torch.randn(T, E, device="cuda", generator=g), K)
-            sets.append((x, route))
-        active = sum(int((s[1].expert_counts > 0).sum()) for s in sets) / len(sets)
+        sets, active = common.routed_inputs(T, H, E, K, g)
         nbytes = active * per_expert
         ours = common.time_fn(lambda x, route: ops.moe_experts(x, route, w13, w2), sets)
         eager = _time_or_none(eager_fn, sets)

@@ -1,4 +1,5 @@
-// moe_experts, decode regime: two grouped GEMVs and the combine (three launches per MoE layer).
+// moe_experts, decode path: two grouped GEMVs; and the steps every path shares: the weighted combine, and the
+// dequantize that expands quantized weights for the grouped-GEMM paths (moe_experts.h says which path runs).
 //
 // Rows: the R = T*k (token, slot) pairs in expert-sorted order; expert e owns rows offsets[e] .. offsets[e+1]-1.
 // GEMV1: inter[r, i] = round(silu(w1[e,i] . x[tok(r)]) * (w3[e,i] . x[tok(r)])), w13 rows interleaved (2i gate,
@@ -21,7 +22,7 @@
 // unused rows. Experts with more rows than RMAX loop over chunks, re-streaming their weights: correct for any T,
 // but the large-T path belongs to the tensor-core grouped GEMM. Reduction: butterfly shuffles inside the warp,
 // then the k_split partials summed in warp order through shared memory (fixed order: deterministic bits).
-// Quantized weights (WeightFormat kInt8 / kInt4, moe_decode.h): the same loop over 16-byte weight vectors, which
+// Quantized weights (WeightFormat kInt8 / kInt4, moe_experts.h): the same loop over 16-byte weight vectors, which
 // now hold 16 or 32 weights (so half or a quarter of the bytes per row); each is unpacked in registers 8 weights at a
 // time, multiplied by its row's (int8) or its row-and-128-group's (int4) float32 scale - the reference's w = q * s,
 // rounded identically - and fed to the same fp32 FMAs against the matching 8-element activation vector. The scales
@@ -32,7 +33,7 @@
 
 #include "device.cuh"
 #include "arch/common.cuh"
-#include "moe_decode.h"
+#include "moe_experts_common.cuh"
 
 namespace mixtral {
 namespace {
@@ -58,6 +59,29 @@ struct GemvProblem {
   int64_t k;                   // reduction length (H or I), a multiple of the format's weights per vector
   int experts;
   int k_split;                 // warps sharing one row group along K: 1, 2, 4 or 8
+};
+
+struct CombineArgs {
+  const float* out_rows;       // [R, H] fp32, expert-sorted rows
+  const float* topk_weights;   // [T, k]
+  const int* token_rows;       // [T, k] row of each (token, slot)
+  void* y;                     // [T, H] activation dtype
+  int64_t tokens;              // T
+  int64_t hidden;              // H, a multiple of 8
+  int top_k;                   // k
+  DType dtype;                 // of y: bf16 or fp16
+};
+
+// out[r, j] = round(q[r, j] * scale) with the row's (int8) or the row-and-group's (int4) scale: the reference's
+// dequantize, rounded once to dtype.
+struct DequantArgs {
+  const void* q;               // [rows, K] int8 or [rows, K/2] packed int4 (rows = E * N of a [E, N, K] matrix)
+  const float* scale;          // [rows] (int8) or [rows, K/128] (int4)
+  void* out;                   // [rows, K] in dtype
+  int64_t rows;
+  int64_t k;                   // K: a multiple of 16 (int8) or 128 (int4)
+  WeightFormat wformat;        // kInt8 or kInt4
+  DType dtype;                 // of out: bf16 or fp16
 };
 
 // Streamed weight load: read-only for the kernel, not kept in L1, with a 256-byte L2 prefetch hint. volatile so
@@ -268,7 +292,7 @@ __device__ __forceinline__ void gemv_chunk(const GemvProblem& p, const uint4* __
 // Two blocks (16 warps) per SM keep enough weight loads in flight; the 16-row variant (T > 8 only) needs more than
 // 128 registers and settles for one block per SM rather than spilling.
 template <typename T, WeightFormat F, Epilogue EPI, int RMAX>
-__global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(GemvProblem p) {
+__global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_experts_gemv_kernel(GemvProblem p) {
   MX_SHARED(float[kWarps][32], s_part);
   int e, r_begin, r_end;
   if (!find_active_expert(p.expert_offsets, p.experts, blockIdx.y, e, r_begin, r_end)) return;
@@ -304,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, RMAX >= 16 ? 1 : 2) moe_gemv_kernel(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(MoeCombineParams p) {
+__global__ void __launch_bounds__(kCombineThreads) moe_experts_combine_kernel(CombineArgs p) {
   const int64_t t = blockIdx.x;
   const int64_t h = (static_cast<int64_t>(blockIdx.y) * kCombineThreads + threadIdx.x) * kVec;
   if (h >= p.hidden) return;
@@ -330,7 +354,7 @@ __global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(MoeCombine
 // One thread per 8 consecutive outputs of a row (8 int8 bytes or 4 int4 bytes in, one 16-byte vector out); grid
 // (rows, vector blocks of the row). Streaming: every byte is read and written once.
 template <typename T, WeightFormat F>
-__global__ void __launch_bounds__(kCombineThreads) moe_dequant_kernel(MoeDequantParams p) {
+__global__ void __launch_bounds__(kCombineThreads) moe_experts_dequant_kernel(DequantArgs p) {
   const int64_t row = blockIdx.x;
   const int64_t v = static_cast<int64_t>(blockIdx.y) * kCombineThreads + threadIdx.x;  // 8-output vector of the row
   if (v * kVec >= p.k) return;
@@ -367,7 +391,7 @@ template <typename T, WeightFormat F, Epilogue EPI, int RMAX>
 cudaError_t launch_gemv(const GemvProblem& g, int slots, cudaStream_t stream) {
   const int64_t rows_per_block = static_cast<int64_t>(kWarps / g.k_split) * kRowsPerWarp;
   const dim3 grid(static_cast<unsigned>((g.n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(slots));
-  mixtral::launch(moe_gemv_kernel<T, F, EPI, RMAX>, grid, kThreads, 0, stream, g);
+  mixtral::launch(moe_experts_gemv_kernel<T, F, EPI, RMAX>, grid, kThreads, 0, stream, g);
   return cudaGetLastError();
 }
 
@@ -382,7 +406,7 @@ cudaError_t launch_gemv_rows(const GemvProblem& g, int64_t tokens, int slots, cu
 }
 
 template <typename T, WeightFormat F>
-cudaError_t launch_experts_format(const MoeDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_experts_format(const MoeExpertsParams& p, cudaStream_t stream) {
   const int64_t rows = p.tokens * p.top_k;
   const int slots = static_cast<int>(rows < p.experts ? rows : p.experts);
   // K is split by the bytes of a row, not its length: a quantized row is shorter in memory and needs fewer warps.
@@ -397,7 +421,7 @@ cudaError_t launch_experts_format(const MoeDecodeParams& p, cudaStream_t stream)
 }
 
 template <typename T>
-cudaError_t launch_experts_typed(const MoeDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_experts_typed(const MoeExpertsParams& p, cudaStream_t stream) {
   switch (p.wformat) {
     case WeightFormat::kDense: return launch_experts_format<T, WeightFormat::kDense>(p, stream);
     case WeightFormat::kInt8: return launch_experts_format<T, WeightFormat::kInt8>(p, stream);
@@ -407,50 +431,45 @@ cudaError_t launch_experts_typed(const MoeDecodeParams& p, cudaStream_t stream) 
 }
 
 template <typename T>
-cudaError_t launch_combine_typed(const MoeCombineParams& p, cudaStream_t stream) {
+cudaError_t launch_combine_typed(const CombineArgs& c, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
-  const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>((p.hidden + per_block - 1) / per_block));
-  mixtral::launch(moe_combine_kernel<T>, grid, kCombineThreads, 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(c.tokens), static_cast<unsigned>((c.hidden + per_block - 1) / per_block));
+  mixtral::launch(moe_experts_combine_kernel<T>, grid, kCombineThreads, 0, stream, c);
   return cudaGetLastError();
 }
 
 template <typename T, WeightFormat F>
-cudaError_t launch_dequant_typed(const MoeDequantParams& p, cudaStream_t stream) {
+cudaError_t launch_dequant_typed(const DequantArgs& d, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kCombineThreads) * kVec;
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>((p.k + per_block - 1) / per_block));
-  mixtral::launch(moe_dequant_kernel<T, F>, grid, kCombineThreads, 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>((d.k + per_block - 1) / per_block));
+  mixtral::launch(moe_experts_dequant_kernel<T, F>, grid, kCombineThreads, 0, stream, d);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t moe_dequantize_launch(const MoeDequantParams& p, cudaStream_t stream) {
-  const bool int8 = p.wformat == WeightFormat::kInt8;
-  if ((!int8 && p.wformat != WeightFormat::kInt4) || p.rows < 0 || p.k <= 0 || p.k % (int8 ? 16 : kInt4Group) != 0 ||
-      p.rows > 0x7fffffff)
+namespace moe_experts {
+
+cudaError_t dequantize_run(const void* q, const float* scale, void* out, int64_t rows, int64_t k,
+                           WeightFormat wformat, DType dtype, cudaStream_t stream) {
+  const bool int8 = wformat == WeightFormat::kInt8;
+  if ((!int8 && wformat != WeightFormat::kInt4) || rows < 0 || k <= 0 || k % (int8 ? 16 : kInt4Group) != 0 ||
+      rows > 0x7fffffff)
     return cudaErrorInvalidValue;
-  if (p.rows == 0) return cudaSuccess;
-  switch (p.dtype) {
+  if (rows == 0) return cudaSuccess;
+  const DequantArgs d{q, scale, out, rows, k, wformat, dtype};
+  switch (dtype) {
     case DType::kBFloat16:
-      return int8 ? launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt8>(p, stream)
-                  : launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt4>(p, stream);
+      return int8 ? launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt8>(d, stream)
+                  : launch_dequant_typed<__nv_bfloat16, WeightFormat::kInt4>(d, stream);
     case DType::kFloat16:
-      return int8 ? launch_dequant_typed<__half, WeightFormat::kInt8>(p, stream)
-                  : launch_dequant_typed<__half, WeightFormat::kInt4>(p, stream);
+      return int8 ? launch_dequant_typed<__half, WeightFormat::kInt8>(d, stream)
+                  : launch_dequant_typed<__half, WeightFormat::kInt4>(d, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
-cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t stream) {
-  if (p.hidden % kVec != 0 || p.inter_size % kVec != 0 || p.hidden <= 0 || p.inter_size <= 0 || p.experts < 1 ||
-      p.experts > 64 || p.top_k < 1 || p.tokens < 0)
-    return cudaErrorInvalidValue;
-  // Quantized rows must be whole weight vectors (int8: 16 weights; int4: whole 128-groups) and come with scales.
-  const int64_t multiple = p.wformat == WeightFormat::kInt8 ? 16 : (p.wformat == WeightFormat::kInt4 ? kInt4Group : 8);
-  if (p.hidden % multiple != 0 || p.inter_size % multiple != 0 ||
-      (p.wformat != WeightFormat::kDense && (p.w13_scale == nullptr || p.w2_scale == nullptr)))
-    return cudaErrorInvalidValue;
-  if (p.tokens == 0) return cudaSuccess;
+cudaError_t decode_run(const MoeExpertsParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kBFloat16: return launch_experts_typed<__nv_bfloat16>(p, stream);
     case DType::kFloat16: return launch_experts_typed<__half>(p, stream);
@@ -458,14 +477,15 @@ cudaError_t moe_decode_experts_launch(const MoeDecodeParams& p, cudaStream_t str
   }
 }
 
-cudaError_t moe_combine_launch(const MoeCombineParams& p, cudaStream_t stream) {
-  if (p.hidden % kVec != 0 || p.top_k < 1 || p.tokens < 0) return cudaErrorInvalidValue;
+cudaError_t combine_run(const MoeExpertsParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.hidden == 0) return cudaSuccess;
+  const CombineArgs c{p.out_rows, p.topk_weights, p.token_rows, p.y, p.tokens, p.hidden, p.top_k, p.dtype};
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_combine_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_combine_typed<__half>(p, stream);
+    case DType::kBFloat16: return launch_combine_typed<__nv_bfloat16>(c, stream);
+    case DType::kFloat16: return launch_combine_typed<__half>(c, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
+}  // namespace moe_experts
 }  // namespace mixtral

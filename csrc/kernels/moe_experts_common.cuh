@@ -1,5 +1,6 @@
-// Pieces shared by the two grouped-GEMM code paths (moe_gemm_sm80.cu, moe_gemm_sm90.cu) and the dispatcher
-// (moe_gemm.cu): the per-GEMM argument struct, the device-side tile scheduler and the two epilogues.
+// moe_experts internals shared by its path files: the entry points the launcher (moe_experts.cu) calls, and for the
+// two grouped-GEMM paths (moe_experts_sm80.cu, moe_experts_sm90.cu) the per-GEMM argument struct, the device-side
+// tile scheduler and the two epilogues.
 //
 // Tile scheduler. A tile is (expert e, N-tile nt, M-tile mt) of BM expert-sorted rows by BN output columns; tiles
 // never straddle experts (an expert's last M-tile is predicated). The expert offsets live on the device only, so
@@ -11,10 +12,10 @@
 // routing skew, without a device-side counter that would need zeroing before each launch.
 #pragma once
 #include "device.cuh"
-#include "moe_gemm.h"
+#include "moe_experts.h"
 
 namespace mixtral {
-namespace moe_gemm {
+namespace moe_experts {
 
 // The shared-memory schedule holds 2 * (E + 1) ints; Mixtral has E = 8.
 constexpr int kMaxExperts = 256;
@@ -122,11 +123,46 @@ __device__ __forceinline__ void store_f32_pair(float* out_row, int n, float c0, 
   if (valid) *reinterpret_cast<float2*>(out_row + n) = make_float2(c0, c1);
 }
 
-// The code paths, each launching both GEMMs; the arguments are validated by moe_grouped_gemm_launch.
-cudaError_t sm80_run(const MoeGroupedGemmParams& p, cudaStream_t stream);
-cudaError_t sm90_run(const MoeGroupedGemmParams& p, cudaStream_t stream);
-bool sm80_available();  // a kernel image of that path loads on the current device
-bool sm90_available();
+// The two GEMMs' arguments (both grouped-GEMM paths): GEMM1 reads A = x (rows gathered through `gather` on sm80;
+// nullptr on sm90, whose A is x already copied into expert order) against w13 into inter; GEMM2 reads A = inter
+// against w2 into out_rows.
+inline GemmArgs gemm1_args(const MoeExpertsParams& p, const void* a, const int* gather) {
+  GemmArgs g{};
+  g.a = a;
+  g.gather = gather;
+  g.b = p.w13;
+  g.out = p.inter;
+  g.offsets = p.expert_offsets;
+  g.experts = p.experts;
+  g.k = static_cast<int>(p.hidden);
+  g.n = static_cast<int>(2 * p.inter_size);
+  return g;
+}
 
-}  // namespace moe_gemm
+inline GemmArgs gemm2_args(const MoeExpertsParams& p) {
+  GemmArgs g{};
+  g.a = p.inter;
+  g.gather = nullptr;
+  g.b = p.w2;
+  g.out = p.out_rows;
+  g.offsets = p.expert_offsets;
+  g.experts = p.experts;
+  g.k = static_cast<int>(p.inter_size);
+  g.n = static_cast<int>(p.hidden);
+  return g;
+}
+
+// The paths' entry points. moe_experts.cu has validated p for the chosen path; the grouped-GEMM paths see dense
+// weights in p.w13 / p.w2 (the launcher points them at the dequantized copies for a quantized format).
+bool sm80_supported(const MoeExpertsParams& p);  // a kernel image loads on the device and a configuration fits
+bool sm90_supported(const MoeExpertsParams& p);  // ... and the register budget lets setmaxnreg rebalance
+cudaError_t sm80_run(const MoeExpertsParams& p, cudaStream_t stream);  // both GEMMs
+cudaError_t sm90_run(const MoeExpertsParams& p, cudaStream_t stream);  // gather x, both GEMMs
+cudaError_t decode_run(const MoeExpertsParams& p, cudaStream_t stream);  // both GEMVs
+cudaError_t combine_run(const MoeExpertsParams& p, cudaStream_t stream);
+// out [rows, K] dtype = q [rows, K] int8 or [rows, K/2] packed int4, times scale [rows] or [rows, K/128].
+cudaError_t dequantize_run(const void* q, const float* scale, void* out, int64_t rows, int64_t k,
+                           WeightFormat wformat, DType dtype, cudaStream_t stream);
+
+}  // namespace moe_experts
 }  // namespace mixtral

@@ -1,8 +1,9 @@
-// Grouped expert GEMM, sm_80 path: mma.sync m16n8k16 bf16/fp16 -> fp32, ldmatrix, cp.async multistage pipeline. Runs
-// on A100-class GPUs and (from the sm_90a cubin) on Hopper when the sm90 path is unavailable or not chosen.
+// moe_experts, grouped expert GEMM, sm_80 path: mma.sync m16n8k16 bf16/fp16 -> fp32, ldmatrix, cp.async
+// multistage pipeline. Runs on A100-class GPUs and (from the sm_90a cubin) on Hopper when the sm90 path is
+// unavailable or not chosen.
 //
-// Algorithm: persistent blocks walk the tile list of moe_gemm_common.cuh. Per tile (BM x 128 outputs), K is walked in
-// 64-wide k-tiles through a STAGES-deep ring of shared-memory buffers filled by cp.async (16-byte chunks): A rows
+// Algorithm: persistent blocks walk the tile list of moe_experts_common.cuh. Per tile (BM x 128 outputs), K is
+// walked in 64-wide k-tiles through a STAGES-deep ring of shared-memory buffers filled by cp.async (16-byte chunks): A rows
 // are gathered on the fly (GEMM1: A row of sorted row r is x[sorted_tokens[r]]; no permuted copy of x is needed
 // because cp.async takes one address per 16-byte chunk anyway), B rows are the expert's weight rows. 8 warps in a
 // 2 (M) x 4 (N) grid, each warp owns (BM/2) x 32 outputs = (BM/32) x 4 mma tiles of 16x8, fp32 accumulators.
@@ -32,11 +33,11 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "moe_gemm_common.cuh"
+#include "moe_experts_common.cuh"
 #include "arch/sm80.cuh"
 
 namespace mixtral {
-namespace moe_gemm {
+namespace moe_experts {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps
@@ -50,8 +51,8 @@ constexpr int sm80_smem_bytes() {
 }
 
 template <int BM, int STAGES>
-bool fits(const MoeGroupedGemmParams& p) {
-  return p.max_smem_per_block >= sm80_smem_bytes<BM, STAGES>() + kStaticSmemBound;
+bool fits(const MoeExpertsParams& p) {
+  return p.max_smem_optin >= sm80_smem_bytes<BM, STAGES>() + kStaticSmemBound;
 }
 
 // Byte offset of logical 16-byte chunk c of row r in a swizzled 128-byte-row tile.
@@ -59,7 +60,7 @@ __device__ __forceinline__ uint32_t swz(int r, int c) { return r * kRowBytes + (
 
 // SWIGLU: GEMM1 (gathered A rows, silu(gate)*up epilogue, T out [R, N/2]); else GEMM2 (fp32 out [R, N]).
 template <typename T, int BM, int STAGES, bool SWIGLU>
-__global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
+__global__ void __launch_bounds__(kThreads) moe_experts_sm80_kernel(GemmArgs g) {
   constexpr int kWarpM = BM / 2;          // rows per warp
   constexpr int kMFrag = kWarpM / 16;     // 16-row mma tiles per warp
   constexpr int kNFrag = 4;               // 8-column mma tiles per warp (32 columns)
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
     cp_async_wait_group<0>();
     __syncthreads();
 
-    // Epilogue straight from registers (see moe_gemm_common.cuh for the fragment -> column mapping).
+    // Epilogue straight from registers (see moe_experts_common.cuh for the fragment -> column mapping).
     const int grp = lane >> 2;
     const int tig = lane & 3;
 #pragma unroll
@@ -223,14 +224,14 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_sm80_kernel(GemmArgs g) {
 
 template <typename T, int BM, int STAGES, bool SWIGLU>
 cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm80_kernel<T, BM, STAGES, SWIGLU>;
+  auto kernel = moe_experts_sm80_kernel<T, BM, STAGES, SWIGLU>;
   constexpr int smem = sm80_smem_bytes<BM, STAGES>();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorNotSupported;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
   // Upper bound of the tile count: sum_e ceil(rows_e / BM) <= rows / BM + E.
   const int64_t ntiles = (g.n + kBN - 1) / kBN;
   const int64_t max_tiles = (rows / BM + g.experts) * ntiles;
@@ -240,7 +241,7 @@ cudaError_t launch_one(const GemmArgs& g, int64_t rows, int sm_count, cudaStream
 }
 
 template <typename T, bool SWIGLU>
-cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmParams& p, cudaStream_t stream) {
+cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeExpertsParams& p, cudaStream_t stream) {
   // BM = 64 when experts are small (a 128-row tile would be mostly padding) or when 128-row tiles would leave
   // SMs idle; 128 otherwise (twice the reuse of each B fragment). Stages: 4 when the device's shared memory
   // allows it, else 3.
@@ -249,60 +250,40 @@ cudaError_t launch_gemm(const GemmArgs& g, int64_t rows, const MoeGroupedGemmPar
   if (small) {
     if (fits<64, 4>(p)) return launch_one<T, 64, 4, SWIGLU>(g, rows, p.sm_count, stream);
     if (fits<64, 3>(p)) return launch_one<T, 64, 3, SWIGLU>(g, rows, p.sm_count, stream);
-    return cudaErrorNotSupported;
+    return cudaErrorInvalidConfiguration;  // not reached: sm80_supported checked fits<64, 3>
   }
   if (fits<128, 4>(p)) return launch_one<T, 128, 4, SWIGLU>(g, rows, p.sm_count, stream);
   if (fits<128, 3>(p)) return launch_one<T, 128, 3, SWIGLU>(g, rows, p.sm_count, stream);
   if (fits<64, 3>(p)) return launch_one<T, 64, 3, SWIGLU>(g, rows, p.sm_count, stream);
-  return cudaErrorNotSupported;
+  return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace
 
-bool sm80_available() {
+bool sm80_supported(const MoeExpertsParams& p) {
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, moe_gemm_sm80_kernel<__nv_bfloat16, 128, 4, true>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, moe_experts_sm80_kernel<__nv_bfloat16, 128, 4, true>) != cudaSuccess) {
     (void)cudaGetLastError();  // "no kernel image for this device" is an answer here, not a sticky error
     return false;
   }
-  return true;
+  return fits<64, 3>(p);  // the smallest configuration
 }
 
 namespace {
 
 template <typename T>
-cudaError_t run_typed(const MoeGroupedGemmParams& p, cudaStream_t stream) {
-  if (!fits<64, 3>(p)) return cudaErrorNotSupported;  // the smallest configuration; checked before any launch
+cudaError_t run_typed(const MoeExpertsParams& p, cudaStream_t stream) {
   const int64_t rows = p.tokens * p.top_k;
-  GemmArgs g1{};
-  g1.a = p.x;
-  g1.gather = p.sorted_tokens;
-  g1.b = p.w13;
-  g1.out = p.inter;
-  g1.offsets = p.expert_offsets;
-  g1.experts = p.experts;
-  g1.k = static_cast<int>(p.hidden);
-  g1.n = static_cast<int>(2 * p.inter_size);
-  cudaError_t err = launch_gemm<T, true>(g1, rows, p, stream);
+  cudaError_t err = launch_gemm<T, true>(gemm1_args(p, p.x, p.sorted_tokens), rows, p, stream);
   if (err != cudaSuccess) return err;
-
-  GemmArgs g2{};
-  g2.a = p.inter;
-  g2.gather = nullptr;
-  g2.b = p.w2;
-  g2.out = p.out_rows;
-  g2.offsets = p.expert_offsets;
-  g2.experts = p.experts;
-  g2.k = static_cast<int>(p.inter_size);
-  g2.n = static_cast<int>(p.hidden);
-  return launch_gemm<T, false>(g2, rows, p, stream);
+  return launch_gemm<T, false>(gemm2_args(p), rows, p, stream);
 }
 
 }  // namespace
 
-cudaError_t sm80_run(const MoeGroupedGemmParams& p, cudaStream_t stream) {
+cudaError_t sm80_run(const MoeExpertsParams& p, cudaStream_t stream) {
   return p.dtype == DType::kFloat16 ? run_typed<__half>(p, stream) : run_typed<__nv_bfloat16>(p, stream);
 }
 
-}  // namespace moe_gemm
+}  // namespace moe_experts
 }  // namespace mixtral
