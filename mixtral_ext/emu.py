@@ -101,7 +101,8 @@ def moe_route(router_logits, top_k=2, path="auto", arch=80):
 
 
 def moe_experts(x, route, w13, w2, regime="decode", arch=80):
-    """regime: 'decode' (the GEMVs) or 'prefill' (the arch's grouped GEMM; an error if it declines the shape)."""
+    """regime: 'decode' (the GEMVs) or 'prefill' (the grouped GEMM: on arch 90 the sm90 path where it can run, else
+    sm80; an error if neither can run the shape)."""
     return _ops().moe_experts(x, route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens,
                               route.token_rows, w13, w2, str(regime), int(arch))
 

@@ -180,50 +180,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {w.clone(), ids.clone(), counts.clone(), offsets.clone(), sorted.clone(), rows.clone()};
 }
 
-// regime: "decode" (the GEMVs) or "prefill" (the grouped GEMM: on arch 90 the sm90 path where it can run, else sm80;
-// neither running is an error), the MoeExpertsPath the emulated op asks the launcher for.
-mixtral::MoeExpertsPath moe_regime_path(const char* op, const std::string& regime) {
+// Both MoE expert ops. regime: "decode" (the GEMVs; on quantized bytes for moe_experts_quant) or "prefill" (the
+// grouped GEMM, after the dequantize kernel for moe_experts_quant: on arch 90 the sm90 path where it can run, else
+// sm80; neither running is an error). Quantized when w13_scale is given (bits 8: int8, 4: packed int4).
+at::Tensor moe_experts_emu_run(const char* op, const at::Tensor& x, const at::Tensor& topk_weights,
+                               const at::Tensor& topk_ids, const at::Tensor& expert_offsets,
+                               const at::Tensor& sorted_tokens, const at::Tensor& token_rows, const at::Tensor& w13,
+                               const at::Tensor* w13_scale, const at::Tensor& w2, const at::Tensor* w2_scale,
+                               int64_t bits, const std::string& regime, int64_t arch) {
   TORCH_CHECK(regime == "decode" || regime == "prefill", op, ": regime must be 'decode' or 'prefill', got '", regime,
               "'");
-  return regime == "prefill" ? mixtral::MoeExpertsPath::kGroupedGemm : mixtral::MoeExpertsPath::kDecode;
+  const std::lock_guard<std::mutex> lock(g_mu);
+  RegionScope region;
+  EmuBackend b{region, check_arch(op, arch),
+               regime == "prefill" ? mixtral::MoeExpertsPath::kGroupedGemm : mixtral::MoeExpertsPath::kDecode};
+  const at::Tensor xr = region.copy_in(x, "x"), wr = region.copy_in(topk_weights, "topk_weights"),
+                   ids = region.copy_in(topk_ids, "topk_ids"), offs = region.copy_in(expert_offsets, "expert_offsets"),
+                   sorted = region.copy_in(sorted_tokens, "sorted_tokens"),
+                   rows = region.copy_in(token_rows, "token_rows"), w13r = region.copy_in(w13, "w13"),
+                   w2r = region.copy_in(w2, "w2");
+  at::Tensor y = w13_scale == nullptr
+                     ? moe_experts_impl(b, xr, wr, ids, offs, sorted, rows, w13r, w2r)
+                     : moe_experts_quant_impl(b, xr, wr, ids, offs, sorted, rows, w13r,
+                                              region.copy_in(*w13_scale, "w13_scale"), w2r,
+                                              region.copy_in(*w2_scale, "w2_scale"), bits);
+  throw_if_reported(op);
+  return y.clone();
 }
 
 at::Tensor moe_experts_emu(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                            const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
                            const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w2,
                            const std::string& regime, int64_t arch) {
-  constexpr const char* op = "mixtral_ext.emu.moe_experts";
-  const mixtral::MoeExpertsPath path = moe_regime_path(op, regime);
-  const std::lock_guard<std::mutex> lock(g_mu);
-  RegionScope region;
-  EmuBackend b{region, check_arch(op, arch), path};
-  at::Tensor y = moe_experts_impl(
-      b, region.copy_in(x, "x"), region.copy_in(topk_weights, "topk_weights"), region.copy_in(topk_ids, "topk_ids"),
-      region.copy_in(expert_offsets, "expert_offsets"), region.copy_in(sorted_tokens, "sorted_tokens"),
-      region.copy_in(token_rows, "token_rows"), region.copy_in(w13, "w13"), region.copy_in(w2, "w2"));
-  throw_if_reported(op);
-  return y.clone();
+  return moe_experts_emu_run("mixtral_ext.emu.moe_experts", x, topk_weights, topk_ids, expert_offsets, sorted_tokens,
+                             token_rows, w13, nullptr, w2, nullptr, 0, regime, arch);
 }
 
-// regime as in moe_experts_emu: "decode" runs the GEMVs on the quantized bytes, "prefill" the dequantize kernel and
-// then the grouped GEMM. bits: 8 (int8) or 4 (packed int4).
 at::Tensor moe_experts_quant_emu(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                  const at::Tensor& expert_offsets, const at::Tensor& sorted_tokens,
                                  const at::Tensor& token_rows, const at::Tensor& w13, const at::Tensor& w13_scale,
                                  const at::Tensor& w2, const at::Tensor& w2_scale, int64_t bits,
                                  const std::string& regime, int64_t arch) {
-  constexpr const char* op = "mixtral_ext.emu.moe_experts_quant";
-  const mixtral::MoeExpertsPath path = moe_regime_path(op, regime);
-  const std::lock_guard<std::mutex> lock(g_mu);
-  RegionScope region;
-  EmuBackend b{region, check_arch(op, arch), path};
-  at::Tensor y = moe_experts_quant_impl(
-      b, region.copy_in(x, "x"), region.copy_in(topk_weights, "topk_weights"), region.copy_in(topk_ids, "topk_ids"),
-      region.copy_in(expert_offsets, "expert_offsets"), region.copy_in(sorted_tokens, "sorted_tokens"),
-      region.copy_in(token_rows, "token_rows"), region.copy_in(w13, "w13"), region.copy_in(w13_scale, "w13_scale"),
-      region.copy_in(w2, "w2"), region.copy_in(w2_scale, "w2_scale"), bits);
-  throw_if_reported(op);
-  return y.clone();
+  return moe_experts_emu_run("mixtral_ext.emu.moe_experts_quant", x, topk_weights, topk_ids, expert_offsets,
+                             sorted_tokens, token_rows, w13, &w13_scale, w2, &w2_scale, bits, regime, arch);
 }
 
 // ---- the runtime's own known-answer kernels ---------------------------------------------------------------------

@@ -17,9 +17,9 @@
 // The choice (moe_experts_select_path) is made up front on the host from the params alone: sizes, dtype, the device
 // attributes and which kernel images this build loaded. Nothing is launched when an asked-for path cannot run.
 // T = the activation dtype, bf16 or fp16 (x, inter, y; w13 and w2 when dense).
-// Limits: bf16 or fp16; 1 <= E <= 64; k >= 1; H and I positive multiples of 8 (16 for int8, 128 for int4); R below
-// 2^31. The grouped GEMMs also need R, E*2I and E*H below 2^31, a tile count below 2^30, 16-byte aligned tensors and
-// compute capability >= 8.0 (else the automatic choice is the GEMVs).
+// Limits: moe_experts_supported (bf16 or fp16; 1 <= E <= 64; H and I positive multiples of 8, 16 for int8, 128 for
+// int4); k >= 1; R below 2^31. The grouped GEMMs also need E*2I and E*H below 2^31, a tile count below 2^30,
+// 16-byte aligned tensors and compute capability >= 8.0 (else the automatic choice is the GEMVs).
 // Numerics: fp32 accumulation; inter rounded to T (as the eager composite in T would); out_rows fp32.
 #include <algorithm>
 #include <cstdint>
@@ -37,14 +37,12 @@ bool quantized(const MoeExpertsParams& p) { return p.wformat != WeightFormat::kD
 
 // The limits every path shares (the GEMVs' and the combine's).
 bool valid(const MoeExpertsParams& p) {
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.wformat != WeightFormat::kDense && p.wformat != WeightFormat::kInt8 && p.wformat != WeightFormat::kInt4)
     return false;
-  // Quantized rows must be whole weight vectors (int8: 16 weights; int4: whole 128-groups) and come with scales.
-  const int64_t multiple = p.wformat == WeightFormat::kInt8 ? 16 : (p.wformat == WeightFormat::kInt4 ? kInt4Group : 8);
-  if (p.hidden <= 0 || p.inter_size <= 0 || p.hidden % multiple != 0 || p.inter_size % multiple != 0) return false;
+  if (!moe_experts_supported(p.experts, p.hidden, p.inter_size, p.wformat, p.dtype)) return false;
+  // Quantized weights come with their scales.
   if (quantized(p) && (p.w13_scale == nullptr || p.w2_scale == nullptr)) return false;
-  return p.experts >= 1 && p.experts <= 64 && p.top_k >= 1 && p.tokens >= 0 && p.tokens * p.top_k < 0x7fffffff;
+  return p.top_k >= 1 && p.tokens >= 0 && p.tokens * p.top_k < 0x7fffffff;
 }
 
 // What a grouped GEMM needs beyond valid(): int32 tile arithmetic, 16-byte aligned operands (TMA and cp.async

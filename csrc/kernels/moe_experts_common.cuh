@@ -127,29 +127,13 @@ __device__ __forceinline__ void store_f32_pair(float* out_row, int n, float c0, 
 // nullptr on sm90, whose A is x already copied into expert order) against w13 into inter; GEMM2 reads A = inter
 // against w2 into out_rows.
 inline GemmArgs gemm1_args(const MoeExpertsParams& p, const void* a, const int* gather) {
-  GemmArgs g{};
-  g.a = a;
-  g.gather = gather;
-  g.b = p.w13;
-  g.out = p.inter;
-  g.offsets = p.expert_offsets;
-  g.experts = p.experts;
-  g.k = static_cast<int>(p.hidden);
-  g.n = static_cast<int>(2 * p.inter_size);
-  return g;
+  return GemmArgs{a, gather, p.w13, p.inter, p.expert_offsets, p.experts, static_cast<int>(p.hidden),
+                  static_cast<int>(2 * p.inter_size)};
 }
 
 inline GemmArgs gemm2_args(const MoeExpertsParams& p) {
-  GemmArgs g{};
-  g.a = p.inter;
-  g.gather = nullptr;
-  g.b = p.w2;
-  g.out = p.out_rows;
-  g.offsets = p.expert_offsets;
-  g.experts = p.experts;
-  g.k = static_cast<int>(p.inter_size);
-  g.n = static_cast<int>(p.hidden);
-  return g;
+  return GemmArgs{p.inter, nullptr, p.w2, p.out_rows, p.expert_offsets, p.experts, static_cast<int>(p.inter_size),
+                  static_cast<int>(p.hidden)};
 }
 
 // The paths' entry points. moe_experts.cu has validated p for the chosen path; the grouped-GEMM paths see dense
