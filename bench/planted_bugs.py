@@ -140,7 +140,8 @@ MUTANTS = [
 
 TEST_FILES = {"rms_norm": "test_rms_norm.py", "rope_kv_append": "test_rope_kv_append.py",
               "moe_route": "test_moe_route.py", "moe_experts": "test_moe_experts.py",
-              "attention_decode": "test_attention_decode.py", "attention_prefill": "test_attention_prefill.py"}
+              "attention_decode": "test_attention_decode.py", "attention_prefill": "test_attention_prefill.py",
+              "moe_experts_quant": "test_moe_experts_quant.py"}
 
 
 def find_build_dir():
