@@ -1,8 +1,9 @@
 """Kernel microbenchmarks: `python bench/bench_kernels.py [OP ...] [--quick] [--json PATH]`.
 
-Each op's benchmark lives in bench/kbench/<op>.py and exposes `run(device_info, quick) -> (title, rows, columns)`;
-rows are dicts, columns (key, header, format) for the printed table. Every row states its roofline: bytes over
-the measured copy bandwidth or FLOPs over the measured bf16 matmul rate (from common.probe_device).
+Each op's benchmark lives in bench/kbench/<op>.py (or <op>_<regime>.py) and exposes
+`run(device_info, quick) -> (title, rows, columns)`; rows are dicts, columns (key, header, format) for the printed
+table. Every row states its roofline: bytes over the measured copy bandwidth or FLOPs over the measured bf16 matmul
+rate (from common.probe_device).
 """
 import argparse
 import importlib
