@@ -36,7 +36,7 @@ constexpr int64_t moe_experts_width_multiple(WeightFormat wformat) {
 // Whether moe_experts (kDense) / moe_experts_quant (kInt8, kInt4) implement E experts of [2I, H] / [H, I] weights
 // for bf16 / fp16 activations: 1 <= E <= kMoeMaxExperts, H and I positive multiples of
 // moe_experts_width_multiple(wformat). Every path: the grouped GEMMs take every shape the decode GEMVs take.
-// moe_experts_launch's limits check asks this.
+// The binding's checks, moe_experts_launch's limits and mixtral_ext/ops.py (kernel_supported) ask this.
 inline bool moe_experts_supported(int64_t experts, int64_t hidden, int64_t inter_size, WeightFormat wformat,
                                   DType dtype) {
   const int64_t multiple = moe_experts_width_multiple(wformat);
