@@ -202,10 +202,10 @@ def test_every_kernel_is_built(sass, arch):
 @pytest.mark.parametrize("arch", _archs())
 def test_tensor_core_kernels_hold_their_instructions(sass, arch):
     wanted = {**SASS_ALL_ARCHS, **(SASS_SM90A if arch == "sm_90a" else {})}
-    for k, ops in wanted.items():
+    for k, instructions in wanted.items():
         bodies = sass.get((arch, k))
         assert bodies, f"{k} is missing from the {arch} image"
-        lacking = {op for body in bodies for op in ops if op not in body}
+        lacking = {op for body in bodies for op in instructions if op not in body}
         assert not lacking, f"{k}: no {sorted(lacking)} in its {arch} SASS"
 
 

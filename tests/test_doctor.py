@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from mixtral_ext import cli, doctor, emu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

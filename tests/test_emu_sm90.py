@@ -7,6 +7,7 @@ import torch
 
 from attention_prefill_inputs import D, chunked, eager_low, make_inputs, ref_fp32
 from mixtral_ext import emu
+from moe_experts_inputs import eager_low_rows, make_logits, make_weights, ref_route, reference_fp32
 from numerics import assert_2x_rule
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -183,16 +184,14 @@ def test_attention_prefill_register_guard_declines_to_sm80():
 
 
 def moe_case(T, kind="random", E=8, top_k=2, H=64, I=64, dtype=torch.bfloat16, seed=0):
-    from test_moe_experts_prefill import eager_low, make_logits, make_weights, reference_fp32, route_of
-
     torch.manual_seed(seed)
     x = torch.randn(T, H).to(dtype)
-    w13, w2 = make_weights(E, H, I, "cpu", seed=seed + 1, dtype=dtype)
-    route = route_of(make_logits(T, E, kind, seed + 2), top_k, "cpu")
+    w13, w2 = make_weights(E, H, I, dtype, "cpu", seed + 1)
+    route = ref_route(make_logits(T, E, kind, seed + 2), top_k)
     emu.reset_stats()
     out = emu.moe_experts(x, route, w13, w2, regime="prefill", arch=90)
     assert out.shape == (T, H) and out.dtype == dtype
-    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2),
+    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low_rows(x, route, w13, w2),
                    f"emulated moe_experts sm90 T={T} {kind} H={H} I={I} {dtype}")
     return kernels_run()
 

@@ -8,7 +8,7 @@ import torch
 
 from mixtral_ext import emu
 from attention_decode_inputs import make_inputs
-from test_moe_experts import make_weights, ref_route
+from moe_experts_inputs import make_weights, ref_route
 
 pytestmark = pytest.mark.usefixtures("emu_built")
 

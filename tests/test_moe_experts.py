@@ -2,10 +2,10 @@
 or the grouped GEMM above the decode threshold, then the combine) against the reference under the 2x rule (GPU)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import backend_cases, backends
 from mixtral_ext import ops, reference
+from moe_experts_inputs import active_only_route, eager_low, make_weights, ref_route, route_args, routed
 from numerics import assert_2x_rule
 
 
@@ -14,40 +14,6 @@ def interleave_gate_up(gate_up):
     E, I2, H = gate_up.shape
     I = I2 // 2
     return torch.stack([gate_up[:, :I], gate_up[:, I:]], dim=2).reshape(E, I2, H).contiguous()
-
-
-def route_args(route):
-    """moe_experts' routing arguments (every Route field but expert_counts), in schema order."""
-    return route.topk_weights, route.topk_ids, route.expert_offsets, route.sorted_tokens, route.token_rows
-
-
-def make_weights(E, H, I, dtype, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    # Scaled so activations stay O(1): the error rule is relative to the output magnitude.
-    w13 = (torch.randn(E, 2 * I, H, device=device, generator=g) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device=device, generator=g) / I ** 0.5).to(dtype)
-    return w13, w2
-
-
-def eager_low(x, route, w13, w2):
-    """The same math as transformers' eager expert loop in the low dtype: every matmul, the activation and the
-    weighted accumulation rounded to x's dtype (the baseline of the 2x rule)."""
-    y = torch.zeros_like(x)
-    offs = route.expert_offsets.tolist()
-    for e in range(w13.shape[0]):
-        a, b = offs[e], offs[e + 1]
-        if a == b:
-            continue
-        rows = torch.arange(a, b, device=x.device)
-        tok = route.sorted_tokens[a:b].long()
-        h = x[tok] @ w13[e].t()
-        act = F.silu(h[:, 0::2]) * h[:, 1::2]
-        o = act @ w2[e].t()
-        # slot of each row: token_rows[t, s] == row
-        slot = (route.token_rows[tok].long() == rows[:, None]).int().argmax(dim=1)
-        wt = route.topk_weights[tok, slot].to(x.dtype)
-        y.index_add_(0, tok, o * wt[:, None])
-    return y
 
 
 # ---- CPU: the reference -----------------------------------------------------------------------------------------
@@ -122,34 +88,6 @@ def cached_weights(E, H, I, dtype, device="cuda"):
         _WEIGHTS.clear()
         _WEIGHTS[key] = make_weights(E, H, I, dtype, device, H + I + E)
     return _WEIGHTS[key]
-
-
-def routed(T, E, k, skew, seed, device="cuda"):
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(T, E, device=device, generator=g)
-    if skew == "one_expert":  # every token on expert E-1 (and one other when k > 1)
-        logits[:, E - 1] += 40
-    elif skew == "all_on_two":  # every token on the same k experts: the longest row chunks
-        logits[:, 1] += 40
-        logits[:, 3] += 30
-    elif skew == "empty_expert":
-        logits[:, 0] -= 40
-        logits[:, 2] -= 40
-    return ref_route(logits, k)
-
-
-def ref_route(logits, k):
-    """The reference route (on the GPU): these tests exercise moe_experts independently of the moe_route kernel."""
-    return ops.Route(*reference.moe_route(logits, k))
-
-
-def active_only_route(T, E, k, device):
-    """(route, inactive experts): every token picks experts 2 and 5 (logits +40 / +30); the caller poisons the
-    others' weights to show the kernels never read an expert nobody picked."""
-    logits = torch.randn(T, E, device=device)
-    logits[:, 2] += 40
-    logits[:, 5] += 30
-    return ref_route(logits, k), [e for e in range(E) if e not in (2, 5)]
 
 
 def check_against_reference(kernels, x, route, w13, w2, what, regime="decode"):

@@ -15,67 +15,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mixtral_ext import reference
+from moe_experts_inputs import eager_low_rows, make_logits, make_weights, ref_route, reference_fp32
 from numerics import assert_2x_rule
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-
-def make_weights(E, H, I, device, seed=0, dtype=torch.bfloat16):
-    """w13 [E, 2I, H] (gate/up interleaved by row) and w2 [E, H, I], scaled so activations stay O(1)."""
-    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: Mixtral's 2.8 G weights in milliseconds
-    w13 = (torch.randn(E, 2 * I, H, generator=g, device=device) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g, device=device) / I ** 0.5).to(dtype)
-    return w13, w2
-
-
-def make_logits(T, E, kind, seed):
-    """Router logits [T, E] float32 for a routing pattern:
-    random; one (top-1 takes expert 5 for every token, top-2 expert 2 second); two_empty (experts 1 and 4 never
-    chosen); single_row (expert 7 chosen by token 0 only, as its first choice)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
-    if kind == "one":
-        logits[:, 5] += 40.0
-        logits[:, 2 % E] += 20.0
-    elif kind == "two_empty":
-        logits[:, [1, 4]] = -40.0
-    elif kind == "single_row":
-        logits[:, E - 1] = -40.0
-        logits[0, E - 1] = 40.0
-    return logits
-
-
-def route_of(logits, top_k, device):
-    """Routing through the reference (this file tests the expert GEMMs, not moe_route)."""
-    from mixtral_ext.ops import Route
-
-    return Route(*reference.moe_route(logits.to(device), top_k))
-
-
-def eager_low(x, route, w13, w2):
-    """The same math as eager PyTorch in x's dtype (every matmul output and the activation rounded to it)."""
-    T, H = x.shape
-    offs = route.expert_offsets.tolist()
-    rows = x[route.sorted_tokens.long()]
-    out_rows = torch.zeros(rows.shape[0], H, dtype=x.dtype, device=x.device)
-    for e in range(w13.shape[0]):
-        a, b = offs[e], offs[e + 1]
-        if a == b:
-            continue
-        h = rows[a:b] @ w13[e].t()
-        out_rows[a:b] = (F.silu(h[:, 0::2]) * h[:, 1::2]) @ w2[e].t()
-    y = torch.zeros(T, H, dtype=x.dtype, device=x.device)
-    for s in range(route.topk_weights.shape[1]):
-        y += route.topk_weights[:, s:s + 1].to(x.dtype) * out_rows[route.token_rows[:, s].long()]
-    return y
-
-
-def reference_fp32(x, route, w13, w2):
-    return reference.moe_experts(x.float(), route.topk_weights, route.topk_ids, route.expert_offsets,
-                                 route.sorted_tokens, route.token_rows, w13.float(), w2.float())
 
 
 def launched_kernels(fn):
@@ -119,8 +63,8 @@ def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="
     dev = getattr(kernels, "device", "cuda")
     torch.manual_seed(seed)
     x = (torch.randn(T, H, device=dev) * x_scale).to(dtype)
-    w13, w2 = make_weights(E, H, I, dev, seed=seed + 1, dtype=dtype)
-    route = route_of(make_logits(T, E, kind, seed + 2), top_k, dev)
+    w13, w2 = make_weights(E, H, I, dtype, dev, seed + 1)
+    route = ref_route(make_logits(T, E, kind, seed + 2).to(dev), top_k)
     if dev == "cpu":  # the emulator: its launch counters name the kernels that ran
         from mixtral_ext import emu
 
@@ -132,7 +76,7 @@ def check(kernels, T, E, top_k, H, I, kind="random", seed=0, x_scale=1.0, path="
     want = expected_kernel(path)
     assert names is None or any(want in n for n in names), f"{want} did not run; launched: {sorted(names)}"
     assert out.shape == (T, H) and out.dtype == dtype
-    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2),
+    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low_rows(x, route, w13, w2),
                    f"T={T} E={E} k={top_k} H={H} I={I} {kind} path={path} {dtype}")
     return out
 
@@ -227,9 +171,9 @@ def test_both_paths_agree(kernels, monkeypatch):
     torch.manual_seed(0)
     T, E, H, I = 2048, 8, 2048, 3072
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    w13, w2 = make_weights(E, H, I, "cuda", seed=1)
-    route = route_of(make_logits(T, E, "random", 2), 2, "cuda")
-    ref, low = reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2)
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", 1)
+    route = ref_route(make_logits(T, E, "random", 2).to("cuda"), 2)
+    ref, low = reference_fp32(x, route, w13, w2), eager_low_rows(x, route, w13, w2)
     outs = {}
     for p in ("sm80", "sm90"):
         monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", p)
@@ -246,8 +190,8 @@ def test_deterministic(kernels, path):
     torch.manual_seed(1)
     T, E, H, I = 1500, 8, 1024, 1536
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    w13, w2 = make_weights(E, H, I, "cuda", seed=2)
-    route = route_of(make_logits(T, E, "random", 3), 2, "cuda")
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", 2)
+    route = ref_route(make_logits(T, E, "random", 3).to("cuda"), 2)
     first = kernels.moe_experts(x, route, w13, w2)
     for _ in range(3):
         assert torch.equal(kernels.moe_experts(x, route, w13, w2), first)
@@ -259,9 +203,9 @@ def test_graph_replay_with_new_routing(kernels, path):
     must give the eager result for that routing, including a routing with empty experts."""
     T, E, H, I = 700, 8, 512, 1024
     torch.manual_seed(2)
-    w13, w2 = make_weights(E, H, I, "cuda", seed=4)
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", 4)
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    route = route_of(make_logits(T, E, "random", 5), 2, "cuda")
+    route = ref_route(make_logits(T, E, "random", 5).to("cuda"), 2)
     static_route = type(route)(*[t.clone() for t in route])
     static_x = x.clone()
     s = torch.cuda.Stream()
@@ -275,7 +219,7 @@ def test_graph_replay_with_new_routing(kernels, path):
         out = kernels.moe_experts(static_x, static_route, w13, w2)
     for kind, seed in (("two_empty", 6), ("one", 7), ("random", 8)):
         x2 = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-        r2 = route_of(make_logits(T, E, kind, seed), 2, "cuda")
+        r2 = ref_route(make_logits(T, E, kind, seed).to("cuda"), 2)
         static_x.copy_(x2)
         for dst, src in zip(static_route, r2):
             dst.copy_(src)
@@ -292,12 +236,12 @@ def test_decode_setting_forces_the_gemvs(kernels, monkeypatch):
     torch.manual_seed(9)
     T, E, H, I = 300, 8, 512, 512
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    w13, w2 = make_weights(E, H, I, "cuda", seed=10)
-    route = route_of(make_logits(T, E, "random", 11), 2, "cuda")
+    w13, w2 = make_weights(E, H, I, torch.bfloat16, "cuda", 10)
+    route = ref_route(make_logits(T, E, "random", 11).to("cuda"), 2)
     names, out = launched_kernels(lambda: kernels.moe_experts(x, route, w13, w2))
     assert names is None or not any("moe_experts_sm" in n for n in names), sorted(names)
     assert names is None or any("moe_experts_gemv_kernel" in n for n in names), sorted(names)
-    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low(x, route, w13, w2), "decode path forced")
+    assert_2x_rule(out, reference_fp32(x, route, w13, w2), eager_low_rows(x, route, w13, w2), "decode path forced")
 
 
 @pytest.mark.cuda
@@ -312,8 +256,8 @@ def test_unknown_path_setting_is_an_error(kernels, monkeypatch):
     """A typo in MIXTRAL_EXT_MOE_PATH must not silently run the automatic choice."""
     monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "sm_90")
     x = torch.randn(80, 64, device="cuda").to(torch.bfloat16)
-    w13, w2 = make_weights(8, 64, 64, "cuda", seed=13)
-    route = route_of(make_logits(80, 8, "random", 14), 2, "cuda")
+    w13, w2 = make_weights(8, 64, 64, torch.bfloat16, "cuda", 13)
+    route = ref_route(make_logits(80, 8, "random", 14).to("cuda"), 2)
     with pytest.raises(RuntimeError,
                        match=r"MIXTRAL_EXT_MOE_PATH must be auto, decode, sm80 or sm90 \(unset: auto\), got 'sm_90'"):
         kernels.moe_experts(x, route, w13, w2)
@@ -326,7 +270,7 @@ def test_forced_path_that_cannot_run_is_an_error(kernels, monkeypatch):
         pytest.skip("the sm90 path runs on this GPU")
     monkeypatch.setenv("MIXTRAL_EXT_MOE_PATH", "sm90")
     x = torch.randn(80, 64, device="cuda").to(torch.bfloat16)
-    w13, w2 = make_weights(8, 64, 64, "cuda", seed=15)
-    route = route_of(make_logits(80, 8, "random", 16), 2, "cuda")
+    w13, w2 = make_weights(8, 64, 64, torch.bfloat16, "cuda", 15)
+    route = ref_route(make_logits(80, 8, "random", 16).to("cuda"), 2)
     with pytest.raises(RuntimeError, match="the sm90 path cannot run"):
         kernels.moe_experts(x, route, w13, w2)

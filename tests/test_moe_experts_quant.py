@@ -8,7 +8,7 @@ import torch
 from conftest import backend_cases
 from mixtral_ext import quant, reference
 from numerics import assert_2x_rule
-from test_moe_experts import active_only_route, eager_low, ref_route, route_args, routed
+from moe_experts_inputs import active_only_route, eager_low, ref_route, route_args, routed
 
 MODES = {"int8": 8, "int4": 4}
 _WEIGHTS = {}

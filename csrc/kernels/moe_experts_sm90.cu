@@ -50,10 +50,11 @@
 namespace mixtral {
 namespace moe_experts {
 
-// x_perm[r, :] = x[sorted_tokens[r], :], 16 bytes per thread per step (H is a multiple of 8). Outside the anonymous
-// namespace so its symbol does not carry this file's name (tests treat every kernel named *sm90* as a wgmma kernel).
+namespace {
+
+// x_perm[r, :] = x[sorted_tokens[r], :], 16 bytes per thread per step (H is a multiple of 8).
 __global__ void moe_experts_gather_rows_kernel(const uint4* __restrict__ x, const int* __restrict__ sorted_tokens,
-                                       uint4* __restrict__ out, int64_t rows, int vec_per_row) {
+                                               uint4* __restrict__ out, int64_t rows, int vec_per_row) {
   const int64_t total = rows * vec_per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -62,8 +63,6 @@ __global__ void moe_experts_gather_rows_kernel(const uint4* __restrict__ x, cons
     out[i] = x[static_cast<int64_t>(__ldg(sorted_tokens + r)) * vec_per_row + c];
   }
 }
-
-namespace {
 
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
 // setmaxnreg targets (registers per thread) of the producer and consumer warpgroups; see regs_ok.
